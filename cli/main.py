@@ -1,0 +1,30 @@
+"""`s3diff` entry point. Each subcommand lives in its own module exposing `register(subparsers)`;
+heavy imports happen inside the handlers so `s3diff --help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMAND_MODULES = [
+    "cli.convert",
+    "cli.upscale",
+    "cli.bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s3diff", description="S3Diff one-step super-resolution")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
