@@ -1,0 +1,170 @@
+"""Numbers of the released S3Diff model (MODEL.md) and the architecture presets we build from."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+POSITIVE_PROMPT = (
+    "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
+)
+NEGATIVE_PROMPT = (
+    "oil painting, cartoon, blur, dirty, messy, low quality, deformation, low resolution, oversmooth"
+)
+DEFAULT_GUIDANCE = 1.07  # reference code (the paper says 1.1)
+TIMESTEP = 999
+SCALE = 4
+LATENT_FACTOR = 8
+PAD_MULTIPLE = 64
+COLOR_FIXES = ("wavelet", "adain", "none")
+
+UNET_LORA_TARGETS = [
+    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut",
+    "conv_out", "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj",
+]
+VAE_LORA_TARGETS = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"
+UNET_ADAPTER = "default"
+VAE_ADAPTER = "vae_skip"
+FOURIER_SIZE = 64
+UNET_BLOCKS = 10
+VAE_BLOCKS = 6
+
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+}
+
+
+@dataclass
+class TilingConfig:
+    """Latent tiling of the UNet and tiled VAE (MODEL.md inference step 9)."""
+
+    latent_tile: int = 96
+    latent_overlap: int = 32
+    vae_encoder_tile: int = 1024
+    vae_decoder_tile: int = 224
+
+
+@dataclass
+class MergedConfig:
+    """Everything needed to rebuild the model from a merged folder, saved as its config.json."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+    rank_unet: int = 32
+    rank_vae: int = 16
+    unet_lora_target_modules: list[str] = field(default_factory=lambda: list(UNET_LORA_TARGETS))
+    vae_lora_target_modules: str = VAE_LORA_TARGETS
+    positive_prompt: str = POSITIVE_PROMPT
+    negative_prompt: str = NEGATIVE_PROMPT
+    guidance_scale: float = DEFAULT_GUIDANCE
+    color_fix: str = "wavelet"
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    dtype: str = "fp32"
+    model_name: str = "s3diff"
+    weights_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MergedConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["tiling"] = TilingConfig(**values.get("tiling", {}))
+        return cls(**values)
+
+
+def sd_turbo_unet_config() -> dict[str, Any]:
+    """SD 2.1 UNet (what SD-Turbo ships)."""
+    return {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],
+        "use_linear_projection": True,
+        "norm_num_groups": 32,
+    }
+
+
+def sd_turbo_vae_config() -> dict[str, Any]:
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 768,
+        "scaling_factor": 0.18215,
+    }
+
+
+def sd_turbo_text_config() -> dict[str, Any]:
+    """OpenCLIP-H text tower as SD 2.x uses it."""
+    return {
+        "vocab_size": 49408,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 23,
+        "num_attention_heads": 16,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "projection_dim": 1024,
+    }
+
+
+def tiny_unet_config() -> dict[str, Any]:
+    """Same block classes and block count as SD 2.1 (so block ids 0..9 all occur), small channels."""
+    cfg = sd_turbo_unet_config()
+    cfg.update(
+        sample_size=8,
+        block_out_channels=[32, 64, 64, 64],
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=[1, 2, 2, 2],
+    )
+    return cfg
+
+
+def tiny_vae_config() -> dict[str, Any]:
+    cfg = sd_turbo_vae_config()
+    cfg.update(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=64)
+    return cfg
+
+
+def tiny_text_config(vocab_size: int) -> dict[str, Any]:
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "projection_dim": 32,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+
+
+PRESETS = {
+    "tiny": (tiny_unet_config, tiny_vae_config),
+    "sd-turbo": (sd_turbo_unet_config, sd_turbo_vae_config),
+}

@@ -1,0 +1,230 @@
+"""One-step S3Diff inference (MODEL.md, 'Inference path'): the single entry point that the CLI,
+the service and training evaluation call.
+
+pre-process (bilinear x4, [-1,1], reflect-pad to 64) -> degradation scores (estimator unless
+overridden) -> modulated VAE-encoder latent -> ONE UNet call on [positive; negative] -> CFG ->
+closed-form step t=999 -> decode -> crop -> colour fix.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoints import DTYPES, load_merged, load_release
+from .color_fix import color_fix as apply_color_fix
+from .config import COLOR_FIXES, PAD_MULTIPLE, SCALE, MergedConfig
+from .errors import InvalidInputError, NonFiniteOutputError
+from .s3diff import S3DiffModel
+
+ScoreOverride = float | Sequence[float | None] | None
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class DegradationScores:
+    noise: torch.Tensor
+    blur: torch.Tensor
+
+
+@dataclass
+class EnhanceResult:
+    images: torch.Tensor
+    noise: torch.Tensor
+    blur: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_runtime(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA when present, fp16 on CUDA and fp32 on CPU. fp16 is refused on CPU (slow
+    kernels, no benefit over bf16 there)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device 'cuda' requested but CUDA is not available")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise InvalidInputError(f"unsupported dtype {dtype}")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise InvalidInputError("fp16 is for CUDA; use bf16 or fp32 on the CPU")
+    return device, dtype
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+    """Reflect-pad bottom/right to a multiple (as the reference). Reflection cannot reach further
+    than the image itself, so tiny inputs are padded by repeated reflection, then replication."""
+    while True:
+        height, width = image.shape[-2:]
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if pad_h == 0 and pad_w == 0:
+            return image
+        step_h, step_w = min(pad_h, height - 1), min(pad_w, width - 1)
+        if step_h == 0 and step_w == 0:
+            return F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        image = F.pad(image, (0, step_w, 0, step_h), mode="reflect")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _per_sample(value: ScoreOverride, batch: int, name: str) -> list[float | None]:
+    values = [value] * batch if value is None or isinstance(value, (int, float)) else list(value)
+    if len(values) != batch:
+        raise InvalidInputError(f"{name}: got {len(values)} values for a batch of {batch}")
+    for item in values:
+        if item is not None and not (0.0 <= float(item) <= 1.0):
+            raise InvalidInputError(f"{name} must be in [0, 1], got {item}")
+    return values
+
+
+class S3DiffPipeline:
+    scale = SCALE
+
+    def __init__(self, model: S3DiffModel, config: MergedConfig, device=None, dtype=None):
+        self.device, self.dtype = resolve_runtime(device, dtype)
+        self.config = config
+        self.model = model.to_runtime(self.device, self.dtype).eval().requires_grad_(False)
+
+    @classmethod
+    def from_merged(cls, merged_dir: str | Path, device=None, dtype=None) -> "S3DiffPipeline":
+        model, config = load_merged(merged_dir)
+        return cls(model, config, device, dtype)
+
+    @classmethod
+    def from_release(cls, sd_turbo_dir, s3diff_pkl, de_net_pth, device=None, dtype=None) -> "S3DiffPipeline":
+        model = load_release(sd_turbo_dir, s3diff_pkl, de_net_pth)
+        config = MergedConfig(unet=dict(model.unet.config), vae=dict(model.vae.config), scheduler=model.scheduler_config)
+        return cls(model, config, device, dtype)
+
+    @property
+    def weights_id(self) -> str:
+        return self.config.weights_id
+
+    # --- pre/post-processing ----------------------------------------------------------------
+    def to_tensor(self, images) -> torch.Tensor:
+        """PIL image(s) or a (B,3,h,w)/(3,h,w) tensor in [0,1] -> float32 (B,3,h,w) on device."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            if not images or not all(isinstance(im, Image.Image) for im in images):
+                raise InvalidInputError("expected a tensor, a PIL image or a non-empty list of PIL images")
+            if len({im.size for im in images}) != 1:
+                raise InvalidInputError("all images of one batch must have the same size")
+            arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        if not isinstance(images, torch.Tensor):
+            raise InvalidInputError(f"unsupported image type {type(images).__name__}")
+        if images.dim() == 3:
+            images = images[None]
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0 or min(images.shape[-2:]) < 1:
+            raise InvalidInputError(f"expected images of shape (B,3,h,w), got {tuple(images.shape)}")
+        images = images.to(self.device, torch.float32)
+        if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+            raise InvalidInputError("image values must be finite and in [0, 1]")
+        return images
+
+    @staticmethod
+    def upscale(lowres: torch.Tensor) -> torch.Tensor:
+        """Bilinear x4, align_corners=False: the reference CLI's resize."""
+        height, width = lowres.shape[-2:]
+        return F.interpolate(lowres, size=(height * SCALE, width * SCALE), mode="bilinear", align_corners=False)
+
+    # --- stages (seams for tiling) ------------------------------------------------------------
+    def _encode(self, image_norm: torch.Tensor, sample: bool, generator: torch.Generator | None, fold: bool) -> torch.Tensor:
+        if fold:
+            with self.model.vae_slot.folded():
+                return self.model.encode(image_norm, generator, sample)
+        return self.model.encode(image_norm, generator, sample)
+
+    def _denoise(self, latent: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        return self.model.clean_sample(latent, self.model.predict_noise(latent, guidance_scale))
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(latent)
+
+    # --- entry points -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def estimate(self, images) -> DegradationScores:
+        scores = self.model.estimate(self.to_tensor(images))
+        return DegradationScores(noise=scores[:, 1].cpu(), blur=scores[:, 0].cpu())
+
+    def _scores(self, lowres: torch.Tensor, noise: ScoreOverride, blur: ScoreOverride) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = lowres.shape[0]
+        noise_values, blur_values = _per_sample(noise, batch, "noise"), _per_sample(blur, batch, "blur")
+        if None in noise_values or None in blur_values:
+            estimated = self.model.estimate(lowres)
+            noise_values = [estimated[i, 1].item() if v is None else v for i, v in enumerate(noise_values)]
+            blur_values = [estimated[i, 0].item() if v is None else v for i, v in enumerate(blur_values)]
+        as_tensor = lambda values: torch.tensor([float(v) for v in values], device=self.device)  # noqa: E731
+        return as_tensor(noise_values), as_tensor(blur_values)
+
+    @torch.inference_mode()
+    def enhance(
+        self,
+        images,
+        *,
+        noise: ScoreOverride = None,
+        blur: ScoreOverride = None,
+        guidance_scale: float | None = None,
+        color_fix: str = "wavelet",
+        sample: bool = False,
+        seed: int | None = None,
+        progress: Progress | None = None,
+    ) -> EnhanceResult:
+        if color_fix not in COLOR_FIXES:
+            raise InvalidInputError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, got {color_fix!r}")
+        guidance = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if not np.isfinite(guidance):
+            raise InvalidInputError("guidance_scale must be finite")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            _synchronize(self.device)
+            now = time.perf_counter()
+            timings[stage] = now - clock
+            clock = now
+
+        start = clock
+        lowres = self.to_tensor(images)
+        noise_scores, blur_scores = self._scores(lowres, noise, blur)
+        lap("estimate")
+        upscaled = self.upscale(lowres)
+        height, width = upscaled.shape[-2:]
+        image_norm = pad_to_multiple((upscaled * 2 - 1).clamp(-1, 1))
+        self.model.set_degradation(blur_scores, noise_scores)
+        one_modulation = bool((noise_scores == noise_scores[0]).all() and (blur_scores == blur_scores[0]).all())
+        generator = torch.Generator(self.device).manual_seed(seed) if sample and seed is not None else None
+        latent = self._encode(image_norm, sample, generator, fold=one_modulation)
+        lap("encode")
+        clean_latent = self._denoise(latent, guidance)
+        lap("unet")
+        decoded = self._decode(clean_latent)[..., :height, :width]
+        lap("decode")
+        output = apply_color_fix(decoded * 0.5 + 0.5, upscaled, color_fix)
+        lap("color_fix")
+        if not torch.isfinite(output).all():
+            raise NonFiniteOutputError(f"non-finite values in the output ({self.dtype}); retry in fp32")
+        timings["total"] = time.perf_counter() - start
+        if progress is not None:
+            progress(1, 1)
+        return EnhanceResult(output.float().cpu(), noise_scores.cpu(), blur_scores.cpu(), timings)
+
+    def warmup(self, size: int = 16) -> None:
+        """One small pass so the first request does not pay for lazy initialisation."""
+        self.enhance(torch.full((1, 3, size, size), 0.5), noise=0.0, blur=0.0)

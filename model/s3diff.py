@@ -1,0 +1,160 @@
+"""The S3Diff network: SD-Turbo UNet + VAE with degradation-guided LoRA, the degradation
+estimator and the two modulation heads. A plain nn.Module (diffusers style): no images on disk,
+no prompts as text; the pipeline orchestrates it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from torch import nn
+
+from .config import (
+    FOURIER_SIZE, TIMESTEP, UNET_ADAPTER, UNET_BLOCKS, UNET_LORA_TARGETS, VAE_ADAPTER, VAE_BLOCKS,
+    VAE_LORA_TARGETS,
+)
+from .degradation_estimator import BLUR_INDEX, NOISE_INDEX, DegradationEstimator
+from .degradation_lora import ModulationHead, ModulationSlot, fourier_features, unet_block_id, vae_block_id
+
+
+def alpha_bar(scheduler_config: dict[str, Any], timestep: int = TIMESTEP) -> float:
+    """ᾱ_t of the SD-Turbo schedule, computed by diffusers from the stored scheduler config."""
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    with torch.device("cpu"):  # also when the model is being built on the meta device
+        scheduler = DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config})
+    return float(scheduler.alphas_cumprod[timestep])
+
+
+class S3DiffModel(nn.Module):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler_config: dict[str, Any],
+        rank_unet: int = 32,
+        rank_vae: int = 16,
+        unet_targets: list[str] | None = None,
+        vae_targets: str | list[str] = VAE_LORA_TARGETS,
+        text_embed_dim: int | None = None,
+    ):
+        super().__init__()
+        self.rank_unet, self.rank_vae = rank_unet, rank_vae
+        self.unet_targets = list(unet_targets or UNET_LORA_TARGETS)
+        self.vae_targets = vae_targets
+        self.scheduler_config = dict(scheduler_config)
+        unet.add_adapter(
+            LoraConfig(r=rank_unet, init_lora_weights="gaussian", target_modules=self.unet_targets),
+            adapter_name=UNET_ADAPTER,
+        )
+        vae.add_adapter(
+            LoraConfig(r=rank_vae, init_lora_weights="gaussian", target_modules=vae_targets),
+            adapter_name=VAE_ADAPTER,
+        )
+        self.unet, self.vae = unet, vae
+        self.de_net = DegradationEstimator()
+        self.register_buffer("fourier_frequencies", torch.randn(FOURIER_SIZE))
+        self.vae_modulation = ModulationHead(rank_vae, VAE_BLOCKS, FOURIER_SIZE)
+        self.unet_modulation = ModulationHead(rank_unet, UNET_BLOCKS, FOURIER_SIZE)
+        embed_dim = text_embed_dim or unet.config.cross_attention_dim
+        self.register_buffer("positive_embeds", torch.zeros(1, 77, embed_dim))
+        self.register_buffer("negative_embeds", torch.zeros(1, 77, embed_dim))
+        self.unet_slot = ModulationSlot(self.unet, UNET_ADAPTER, unet_block_id)
+        self.vae_slot = ModulationSlot(self.vae, VAE_ADAPTER, vae_block_id)
+        self.alpha_bar = alpha_bar(self.scheduler_config)
+
+    @classmethod
+    def from_configs(cls, unet_config: dict, vae_config: dict, scheduler_config: dict, **kwargs) -> "S3DiffModel":
+        return cls(
+            UNet2DConditionModel.from_config(unet_config),
+            AutoencoderKL.from_config(vae_config),
+            scheduler_config,
+            **kwargs,
+        )
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The set the paper trains: UNet LoRA + conv_in, VAE-encoder LoRA, MLPs, block tables."""
+        params = [p for n, p in self.unet.named_parameters() if "lora_" in n or n.startswith("conv_in.")]
+        params += [p for n, p in self.vae.named_parameters() if "lora_" in n]
+        params += list(self.vae_modulation.parameters()) + list(self.unet_modulation.parameters())
+        return params
+
+    def to_runtime(self, device: torch.device | str, dtype: torch.dtype) -> "S3DiffModel":
+        """Weights in `dtype` on `device`; modulation heads, frequencies and prompts stay fp32 (tiny,
+        and the modulation feeds the fp32 einsum)."""
+        self.to(device)
+        for module in (self.unet, self.vae, self.de_net):
+            module.to(dtype)
+        return self
+
+    # --- stages -----------------------------------------------------------------------------
+    def estimate(self, lowres: torch.Tensor) -> torch.Tensor:
+        """(B,3,h,w) in [0,1] -> (B,2) float32 [blur, noise]."""
+        dtype = next(self.de_net.parameters()).dtype
+        return self.de_net(lowres.to(dtype)).float()
+
+    def set_degradation(self, blur: torch.Tensor, noise: torch.Tensor) -> None:
+        """Compute both networks' (B, blocks, r, r) modulation from per-sample scores."""
+        scores = torch.zeros(blur.shape[0], 2, device=blur.device)
+        scores[:, BLUR_INDEX], scores[:, NOISE_INDEX] = blur, noise
+        features = fourier_features(scores, self.fourier_frequencies)
+        self.vae_slot.modulation = self.vae_modulation(features).float()
+        self.unet_slot.modulation = self.unet_modulation(features).float()
+
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
+        """Image in [-1,1] -> scaled latent; mean of the posterior unless `sample`."""
+        dtype = self.vae.dtype
+        posterior = self.vae.encode(image.to(dtype)).latent_dist
+        latent = posterior.sample(generator) if sample else posterior.mean
+        return latent * self.scaling_factor
+
+    def predict_noise(self, latent: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """eps at t=999 with classifier-free guidance as ONE UNet call on [positive; negative]."""
+        batch = latent.shape[0]
+        dtype = self.unet.dtype
+        modulation = self.unet_slot.modulation
+        timestep = torch.tensor(TIMESTEP, device=latent.device)
+        positive = self.positive_embeds.to(dtype).expand(batch, -1, -1)
+        if guidance_scale == 1.0:
+            return self.unet(latent.to(dtype), timestep, encoder_hidden_states=positive).sample.float()
+        negative = self.negative_embeds.to(dtype).expand(batch, -1, -1)
+        self.unet_slot.modulation = torch.cat([modulation, modulation])
+        try:
+            eps = self.unet(
+                torch.cat([latent, latent]).to(dtype), timestep, encoder_hidden_states=torch.cat([positive, negative])
+            ).sample.float()
+        finally:
+            self.unet_slot.modulation = modulation
+        eps_pos, eps_neg = eps.chunk(2)
+        return eps_neg + guidance_scale * (eps_pos - eps_neg)
+
+    def clean_sample(self, latent: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The DDPM step from t=999 to x0 in closed form, fp32 (no clipping, as SD-Turbo's config)."""
+        a = self.alpha_bar
+        return (latent.float() - (1 - a) ** 0.5 * eps.float()) / a**0.5
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> image clamped to [-1,1] (the decoder carries no LoRA)."""
+        decoded = self.vae.decode((latent / self.scaling_factor).to(self.vae.dtype)).sample
+        return decoded.float().clamp(-1, 1)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        blur: torch.Tensor,
+        noise: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Differentiable single pass for training: image in [-1,1] -> x0 image in [-1,1], one
+        UNet call conditioned on `encoder_hidden_states` (default: the positive prompt)."""
+        self.set_degradation(blur, noise)
+        latent = self.encode(image)
+        states = self.positive_embeds.expand(image.shape[0], -1, -1) if encoder_hidden_states is None else encoder_hidden_states
+        timestep = torch.tensor(TIMESTEP, device=latent.device)
+        eps = self.unet(latent.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype)).sample
+        return self.decode(self.clean_sample(latent, eps))

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny seeded S3Diff weights in the released formats and in the merged format.
+
+Everything is built in-process from random weights (no downloads) and written to tmp dirs so the
+real loading code runs."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from model.checkpoints import save_merged  # noqa: E402
+from model.presets import write_release  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory):
+    """(ReleasedFiles, the S3DiffModel they were written from)."""
+    torch.manual_seed(0)
+    return write_release(tmp_path_factory.mktemp("release"), preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_merged_dir(tiny_release, tmp_path_factory):
+    """A folder of tiny merged weights (fp32), as `s3diff convert` writes it."""
+    _, model = tiny_release
+    merged_dir = tmp_path_factory.mktemp("merged")
+    save_merged(model, merged_dir, dtype="fp32")
+    return merged_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_merged_dir):
+    from model import S3DiffPipeline
+
+    return S3DiffPipeline.from_merged(tiny_merged_dir, device="cpu", dtype="fp32")
