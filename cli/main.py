@@ -10,6 +10,7 @@ SUBCOMMAND_MODULES = [
     "cli.convert",
     "cli.upscale",
     "cli.bench",
+    "cli.serve",
 ]
 
 

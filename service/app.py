@@ -1,0 +1,120 @@
+"""The app factory: wires settings, the micro-batcher, the codec pool, jobs, middleware and
+routes. Weights are loaded once per process, on the inference thread, after the server is up,
+so `/healthz` answers during loading and `/readyz` turns 200 only after the warm-up pass."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import FastAPI
+
+from model import S3DiffPipeline
+from service import metrics
+from service.batcher import Batcher
+from service.body_limit import BodyLimitMiddleware
+from service.errors import ServiceError, install_error_handlers
+from service.jobs import JobStore
+from service.request_log import RequestLogMiddleware
+from service.routes import jobs, system, upscale
+from service.settings import ServiceSettings
+from service.stages import Predictor
+
+logger = logging.getLogger("s3diff.service")
+PipelineLoader = Callable[[ServiceSettings, str | None], S3DiffPipeline]
+
+
+def load_pipeline(settings: ServiceSettings, dtype: str | None) -> S3DiffPipeline:
+    return S3DiffPipeline.from_merged(settings.weights, device=settings.device, dtype=dtype)
+
+
+class ServiceState:
+    """Everything the routes share, kept on `app.state.service`."""
+
+    def __init__(self, settings: ServiceSettings, loader: PipelineLoader):
+        self.settings, self._loader = settings, loader
+        self.pipeline: S3DiffPipeline | None = None
+        self.load_error: str | None = None
+        self.ready = False
+        self.batcher: Batcher | None = None
+        self.codec_pool = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="codec")
+        self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
+        self._loading: asyncio.Task | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.batcher is not None and not self.batcher.accepting
+
+    def require_ready(self) -> Batcher:
+        if self.draining:
+            raise ServiceError(503, "draining", "the server is shutting down; retry on another instance")
+        if not self.ready or self.batcher is None:
+            detail = f"loading the model failed: {self.load_error}" if self.load_error else "the model is loading"
+            raise ServiceError(503, "not_ready", detail, {"Retry-After": "5"})
+        return self.batcher
+
+    async def run_codec(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Image decode/encode off the event loop, in the small codec pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.codec_pool, function, *args)
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.predictor = Predictor(None, lambda: self._loader(settings, "fp32"))  # pipeline set once loaded
+        self.batcher = Batcher(self.predictor, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+                               max_queue=settings.max_queue)
+        self.batcher.start()
+        self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            pipeline = await self.batcher.run_on_inference_thread(lambda: self._loader(self.settings, self.settings.dtype))
+            await self.batcher.run_on_inference_thread(pipeline.warmup)
+        except Exception as error:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
+            self.load_error = f"{type(error).__name__}: {error}"
+            logger.exception("loading the model from %s failed", self.settings.weights)
+            return
+        self.pipeline = self.predictor.pipeline = pipeline
+        metrics.MODEL_INFO.labels(pipeline.weights_id, str(pipeline.dtype).removeprefix("torch."),
+                                  str(pipeline.device)).set(1)
+        self.ready = True
+        logger.info("ready: weights %s on %s (%s)", pipeline.weights_id, pipeline.device, pipeline.dtype)
+
+    async def drain(self) -> bool:
+        """SIGTERM: /readyz turns 503, new work is refused, queued work gets `drain_timeout_s`."""
+        if self.batcher is None:
+            return True
+        finished = await self.batcher.drain(self.settings.drain_timeout_s)
+        logger.info("drained" if finished else "drain timed out with work still queued")
+        return finished
+
+    async def stop(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+        self.jobs.cancel_all()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        self.codec_pool.shutdown(wait=False)
+
+
+def create_app(settings: ServiceSettings | None = None, loader: PipelineLoader = load_pipeline) -> FastAPI:
+    settings = settings or ServiceSettings()
+    state = ServiceState(settings, loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        yield
+        await state.drain()
+        await state.stop()
+
+    app = FastAPI(title="s3diff-serve", version="0.1.0", lifespan=lifespan,
+                  description="S3Diff one-step 4x super-resolution (arXiv 2409.17058)")
+    app.state.service = state
+    install_error_handlers(app)
+    for router in (upscale.router, jobs.router, system.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLogMiddleware)  # added last = outermost: it sees every response
+    return app

@@ -1,0 +1,83 @@
+"""The job API: the same upscale as /v1/upscale, run in the background for images whose
+processing outlives an HTTP timeout. POST answers 202 + Location at once; poll the status (with
+progress in work units, i.e. tiles), fetch the result, or DELETE to cancel."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from service.auth import require_api_key
+from service.errors import ServiceError, from_model_error
+from service.jobs import Job, JobCancelled
+from service.request_log import note
+from service.routes.upscale import _IMAGE_BODY, _IMAGE_FIELD, UpscaleParams, decode_upload, merged_params, read_upload, run_upscale
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+
+
+async def _run_job(service, job: Job, task) -> None:
+    """Queue the job like a request (alone in its batch, with a progress callback); when the queue
+    is full, wait the advertised Retry-After and try again until the job's lifetime runs out."""
+    deadline = time.monotonic() + service.settings.job_ttl_s
+    task.progress = job.progress
+    try:
+        while True:
+            try:
+                done = await run_upscale(service, task, timeout_s=max(1.0, deadline - time.monotonic()))
+                break
+            except ServiceError as error:
+                if error.status != 429 or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(float(error.headers.get("Retry-After", "1")))
+        job.result = done.encoded
+        job.scores = {"noise": done.prediction.noise, "blur": done.prediction.blur}
+        job.done = job.total = max(job.total, 1)
+        job.status = "succeeded"
+    except (JobCancelled, asyncio.CancelledError):
+        job.status = "cancelled"
+    except ServiceError as error:
+        job.status, job.error = "failed", error
+    except Exception as error:  # noqa: BLE001 - a job's failure is reported by its status, not lost
+        job.status, job.error = "failed", from_model_error(error)
+    finally:
+        job.finished_at = time.time()
+
+
+@router.post("", status_code=202, openapi_extra=_IMAGE_BODY, summary="Start an upscale job")
+async def create_job(request: Request, query: Annotated[UpscaleParams, Query()],
+                     image: Annotated[UploadFile | None, _IMAGE_FIELD] = None) -> JSONResponse:
+    service = request.app.state.service
+    service.require_ready()
+    params = await merged_params(request, query)
+    task = await decode_upload(request, await read_upload(request, image), params)
+    job = service.jobs.create()
+    job.task = asyncio.get_running_loop().create_task(_run_job(service, job, task))
+    note(request, job_id=job.id)
+    return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/{job_id}", summary="A job's status and progress")
+async def job_status(request: Request, job_id: str) -> dict:
+    return request.app.state.service.jobs.get(job_id).describe()
+
+
+@router.get("/{job_id}/result", response_class=Response, summary="A finished job's image",
+            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})
+async def job_result(request: Request, job_id: str) -> Response:
+    job = request.app.state.service.jobs.get(job_id)
+    if job.status == "failed":
+        raise ServiceError(409, "job_failed", f"the job failed: {job.error.message if job.error else 'unknown'}")
+    if job.status != "succeeded":
+        raise ServiceError(409, "job_not_finished", f"the job is {job.status}; poll /v1/jobs/{job_id}",
+                           {"Retry-After": "1"})
+    return Response(job.result.body, media_type=job.result.media_type, headers={
+        "X-S3Diff-Noise": f"{job.scores['noise']:.6f}", "X-S3Diff-Blur": f"{job.scores['blur']:.6f}"})
+
+
+@router.delete("/{job_id}", summary="Cancel a job and forget it")
+async def cancel_job(request: Request, job_id: str) -> dict:
+    return request.app.state.service.jobs.cancel(job_id).describe()
