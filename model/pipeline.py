@@ -19,9 +19,13 @@ from PIL import Image
 
 from .checkpoints import DTYPES, load_merged, load_release
 from .color_fix import color_fix as apply_color_fix
-from .config import COLOR_FIXES, PAD_MULTIPLE, SCALE, MergedConfig
+from .config import COLOR_FIXES, LATENT_FACTOR, PAD_MULTIPLE, SCALE, MergedConfig
 from .errors import InvalidInputError, NonFiniteOutputError
 from .s3diff import S3DiffModel
+from .tiling import (
+    choose_tile_size, estimator_view, run_with_oom_retry, stage_tile_counts, tiled_unet, tiled_vae_decode,
+    tiled_vae_encode,
+)
 
 ScoreOverride = float | Sequence[float | None] | None
 Progress = Callable[[int, int], None]
@@ -132,7 +136,7 @@ class S3DiffPipeline:
             images = images[None]
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0 or min(images.shape[-2:]) < 1:
             raise InvalidInputError(f"expected images of shape (B,3,h,w), got {tuple(images.shape)}")
-        images = images.to(self.device, torch.float32)
+        images = images.to(self.device, torch.float32).contiguous()
         if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
             raise InvalidInputError("image values must be finite and in [0, 1]")
         return images
@@ -144,29 +148,33 @@ class S3DiffPipeline:
         return F.interpolate(lowres, size=(height * SCALE, width * SCALE), mode="bilinear", align_corners=False)
 
     # --- stages (seams for tiling) ------------------------------------------------------------
-    def _encode(self, image_norm: torch.Tensor, sample: bool, generator: torch.Generator | None, fold: bool) -> torch.Tensor:
+    # Each stage runs over tiles (model/tiling.py); an input that fits one tile runs untiled.
+    def _encode(self, image_norm: torch.Tensor, sample: bool, generator: torch.Generator | None, fold: bool,
+                tile: int, on_tile=None) -> torch.Tensor:
+        encode = lambda part: self.model.encode(part, generator, sample)  # noqa: E731
         if fold:
             with self.model.vae_slot.folded():
-                return self.model.encode(image_norm, generator, sample)
-        return self.model.encode(image_norm, generator, sample)
+                return tiled_vae_encode(encode, image_norm, tile, on_tile=on_tile)
+        return tiled_vae_encode(encode, image_norm, tile, on_tile=on_tile)
 
-    def _denoise(self, latent: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        return self.model.clean_sample(latent, self.model.predict_noise(latent, guidance_scale))
+    def _denoise(self, latent: torch.Tensor, guidance_scale: float, tile: int, on_tile=None) -> torch.Tensor:
+        denoise = lambda part: self.model.clean_sample(part, self.model.predict_noise(part, guidance_scale))  # noqa: E731
+        return tiled_unet(denoise, latent, tile, on_tile=on_tile)
 
-    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latent)
+    def _decode(self, latent: torch.Tensor, tile: int, on_tile=None) -> torch.Tensor:
+        return tiled_vae_decode(self.model.decode, latent, tile, on_tile=on_tile)
 
     # --- entry points -------------------------------------------------------------------------
     @torch.inference_mode()
     def estimate(self, images) -> DegradationScores:
-        scores = self.model.estimate(self.to_tensor(images))
+        scores = self.model.estimate(estimator_view(self.to_tensor(images)))
         return DegradationScores(noise=scores[:, 1].cpu(), blur=scores[:, 0].cpu())
 
     def _scores(self, lowres: torch.Tensor, noise: ScoreOverride, blur: ScoreOverride) -> tuple[torch.Tensor, torch.Tensor]:
         batch = lowres.shape[0]
         noise_values, blur_values = _per_sample(noise, batch, "noise"), _per_sample(blur, batch, "blur")
         if None in noise_values or None in blur_values:
-            estimated = self.model.estimate(lowres)
+            estimated = self.model.estimate(estimator_view(lowres))
             noise_values = [estimated[i, 1].item() if v is None else v for i, v in enumerate(noise_values)]
             blur_values = [estimated[i, 0].item() if v is None else v for i, v in enumerate(blur_values)]
         as_tensor = lambda values: torch.tensor([float(v) for v in values], device=self.device)  # noqa: E731
@@ -184,7 +192,10 @@ class S3DiffPipeline:
         sample: bool = False,
         seed: int | None = None,
         progress: Progress | None = None,
+        tile_size: int | None = None,
     ) -> EnhanceResult:
+        """`tile_size`: latent tile side (multiple of 8, >= 32); None picks it from free CUDA
+        memory (96 on the CPU). On CUDA out-of-memory the image is retried with smaller tiles."""
         if color_fix not in COLOR_FIXES:
             raise InvalidInputError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, got {color_fix!r}")
         guidance = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -210,19 +221,34 @@ class S3DiffPipeline:
         self.model.set_degradation(blur_scores, noise_scores)
         one_modulation = bool((noise_scores == noise_scores[0]).all() and (blur_scores == blur_scores[0]).all())
         generator = torch.Generator(self.device).manual_seed(seed) if sample and seed is not None else None
-        latent = self._encode(image_norm, sample, generator, fold=one_modulation)
-        lap("encode")
-        clean_latent = self._denoise(latent, guidance)
-        lap("unet")
-        decoded = self._decode(clean_latent)[..., :height, :width]
-        lap("decode")
+        try:
+            first_tile = choose_tile_size(self.device, self.dtype, tile_size)
+        except ValueError as err:
+            raise InvalidInputError(str(err)) from err
+
+        def run_stages(tile: int) -> torch.Tensor:
+            total, done = stage_tile_counts(image_norm.shape[-2] // LATENT_FACTOR, image_norm.shape[-1] // LATENT_FACTOR, tile), 0
+
+            def on_tile() -> None:
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+            latent = self._encode(image_norm, sample, generator, one_modulation, tile, on_tile)
+            lap("encode")
+            clean_latent = self._denoise(latent, guidance, tile, on_tile)
+            lap("unet")
+            decoded = self._decode(clean_latent, tile, on_tile)
+            lap("decode")
+            return decoded
+
+        decoded = run_with_oom_retry(run_stages, first_tile)[..., :height, :width]
         output = apply_color_fix(decoded * 0.5 + 0.5, upscaled, color_fix)
         lap("color_fix")
         if not torch.isfinite(output).all():
             raise NonFiniteOutputError(f"non-finite values in the output ({self.dtype}); retry in fp32")
         timings["total"] = time.perf_counter() - start
-        if progress is not None:
-            progress(1, 1)
         return EnhanceResult(output.float().cpu(), noise_scores.cpu(), blur_scores.cpu(), timings)
 
     def warmup(self, size: int = 16) -> None:

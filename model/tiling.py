@@ -1,0 +1,195 @@
+"""Tiled inference so memory stays nearly flat as images grow (MODEL.md inference step 9).
+
+Every stage is a function over a callable: the UNet step, the VAE encoder and the VAE decoder each
+run on overlapping tiles whose outputs are blended with Gaussian weights (the reference's
+MultiDiffusion-style weights, variance 0.01 on normalised tile coordinates). A tensor that fits
+in one tile is passed through untouched, so such images give exactly the untiled output.
+
+The VAE's GroupNorm makes hard-cut tiles visibly wrong (each tile normalises with its own
+statistics, so neighbours differ in tone and zero padding darkens their borders). We do not pool
+statistics across tiles (the reference's approach, which keeps every tile's activations of a
+layer alive); instead tiles overlap by a third and the Gaussian weights fade each tile out well
+before its border, so tile edges carry almost no weight and tone differences turn into smooth
+ramps. tests/model/test_tiling.py measures the seams and the tiled-vs-untiled bound.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, TypeVar
+
+import torch
+
+from model.errors import S3DiffError
+
+DEFAULT_TILE = 96  # latent pixels (768 image pixels), as the reference
+MIN_TILE = 32
+LATENT_FACTOR = 8  # the VAE's spatial factor; tile starts stay on multiples of it
+GAUSSIAN_VARIANCE = 0.01
+# Peak CUDA bytes per latent pixel of a tile (the VAE decoder dominates: 512 channels at the
+# latent size, then 128-256 channels at 8x8 times that area). An estimate from the SD 2.x VAE's
+# layer sizes, halved for 16-bit weights; tiles are chosen to use at most CUDA_MEMORY_FRACTION
+# of the free memory, and an OOM still falls back to smaller tiles (run_with_oom_retry).
+CUDA_BYTES_PER_LATENT_PIXEL = {torch.float32: 1_300_000, torch.float16: 650_000, torch.bfloat16: 650_000}
+CUDA_MEMORY_FRACTION = 0.7
+MAX_AUTO_TILE = 320
+# The degradation estimator's cost grows with the input area (about 1.2 MMAC per pixel), so it
+# sees at most this many pixels per side of the low-resolution image; see `estimator_view`.
+ESTIMATOR_MAX_SIDE = 512
+
+T = TypeVar("T")
+
+
+class TilingOutOfMemoryError(S3DiffError):
+    """The device ran out of memory even with the smallest tile size."""
+
+
+def overlap_for(tile: int) -> int:
+    """The overlap that goes with a tile size: a third, on the latent grid (96 -> 32, 48 -> 16)."""
+    return max(LATENT_FACTOR, tile // 3 // LATENT_FACTOR * LATENT_FACTOR)
+
+
+def validate_tile_size(tile: int) -> int:
+    if tile < MIN_TILE or tile % LATENT_FACTOR:
+        raise ValueError(f"tile size must be a multiple of {LATENT_FACTOR} and at least {MIN_TILE}, got {tile}")
+    return tile
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of `tile` covering [0, length), neighbours overlapping by at least
+    `overlap`; the last tile ends exactly at `length`. Starts are multiples of g when `length`,
+    `tile` and `overlap` are (so latent tiles map onto whole image pixels)."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    count = math.ceil((length - tile) / stride) + 1
+    return [index * stride for index in range(count - 1)] + [length - tile]
+
+
+def count_tiles(height: int, width: int, tile: int, overlap: int) -> int:
+    return len(tile_starts(height, tile, overlap)) * len(tile_starts(width, tile, overlap))
+
+
+def gaussian_weights(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """(height, width) blending weights: a Gaussian of variance 0.01 over coordinates normalised
+    by the tile size, centred on the tile (the reference's `_gaussian_weights`)."""
+    def profile(size: int) -> torch.Tensor:
+        offsets = (torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2) / size
+        return torch.exp(-offsets**2 / (2 * GAUSSIAN_VARIANCE))
+    return (profile(height)[:, None] * profile(width)[None, :]).float()
+
+
+def tiled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    tensor: torch.Tensor,
+    tile: int,
+    overlap: int,
+    *,
+    scale: float = 1.0,
+    on_tile: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """`fn` over overlapping spatial tiles of `tensor` (..., H, W), Gaussian-blended.
+
+    `fn` maps a (..., h, w) tile to (..., h*scale, w*scale) (scale 8 for a decoder, 1/8 for an
+    encoder). A tensor no larger than one tile goes straight to `fn`, so its result is exactly the
+    untiled one. `on_tile` is called after each tile (progress).
+    """
+    height, width = tensor.shape[-2:]
+    if height <= tile and width <= tile:
+        result = fn(tensor)
+        if on_tile is not None:
+            on_tile()
+        return result
+    if scale < 1 and any(round(value * scale) != value * scale for value in (height, width, tile, overlap)):
+        raise ValueError(f"sizes must be multiples of {round(1 / scale)} to tile at scale {scale}")
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    total = weights_sum = None
+    for top in rows:
+        for left in cols:
+            tile_h, tile_w = min(tile, height), min(tile, width)
+            output = fn(tensor[..., top:top + tile_h, left:left + tile_w])
+            out_h, out_w = output.shape[-2:]
+            out_top, out_left = round(top * scale), round(left * scale)
+            if total is None:
+                total = output.new_zeros((*output.shape[:-2], round(height * scale), round(width * scale)),
+                                         dtype=torch.float32)
+                weights_sum = total.new_zeros(total.shape[-2:])
+            weight = gaussian_weights(out_h, out_w, output.device)
+            total[..., out_top:out_top + out_h, out_left:out_left + out_w] += output.float() * weight
+            weights_sum[out_top:out_top + out_h, out_left:out_left + out_w] += weight
+            if on_tile is not None:
+                on_tile()
+    return (total / weights_sum).to(output.dtype)
+
+
+def tiled_unet(denoise_fn: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor,
+               tile: int = DEFAULT_TILE, overlap: int | None = None,
+               on_tile: Callable[[], None] | None = None) -> torch.Tensor:
+    """The UNet step (latent -> clean latent) over latent tiles."""
+    return tiled_apply(denoise_fn, latent, tile, overlap_for(tile) if overlap is None else overlap, on_tile=on_tile)
+
+
+def tiled_vae_encode(encode_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                     tile: int = DEFAULT_TILE, overlap: int | None = None,
+                     on_tile: Callable[[], None] | None = None) -> torch.Tensor:
+    """Image (B,3,H,W) -> latent (B,4,H/8,W/8), on image tiles of `tile` latent pixels (x8)."""
+    overlap = overlap_for(tile) if overlap is None else overlap
+    return tiled_apply(encode_fn, image, tile * LATENT_FACTOR, overlap * LATENT_FACTOR,
+                       scale=1 / LATENT_FACTOR, on_tile=on_tile)
+
+
+def tiled_vae_decode(decode_fn: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor,
+                     tile: int = DEFAULT_TILE, overlap: int | None = None,
+                     on_tile: Callable[[], None] | None = None) -> torch.Tensor:
+    """Latent (B,4,h,w) -> image (B,3,8h,8w), on latent tiles."""
+    overlap = overlap_for(tile) if overlap is None else overlap
+    return tiled_apply(decode_fn, latent, tile, overlap, scale=LATENT_FACTOR, on_tile=on_tile)
+
+
+def stage_tile_counts(latent_height: int, latent_width: int, tile: int) -> int:
+    """Work units of one image: encoder, UNet and decoder tiles (all on the same latent grid)."""
+    return 3 * count_tiles(latent_height, latent_width, tile, overlap_for(tile))
+
+
+def choose_tile_size(device: torch.device, dtype: torch.dtype, requested: int | None = None) -> int:
+    """The tile size to use: `requested` if given; on CUDA the largest multiple of 8 (up to
+    MAX_AUTO_TILE) whose estimated peak fits in the free memory; DEFAULT_TILE elsewhere."""
+    if requested is not None:
+        return validate_tile_size(requested)
+    if device.type != "cuda":
+        return DEFAULT_TILE
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    per_pixel = CUDA_BYTES_PER_LATENT_PIXEL.get(dtype, CUDA_BYTES_PER_LATENT_PIXEL[torch.float32])
+    side = int(math.sqrt(free_bytes * CUDA_MEMORY_FRACTION / per_pixel))
+    return max(MIN_TILE, min(MAX_AUTO_TILE, side // LATENT_FACTOR * LATENT_FACTOR))
+
+
+def run_with_oom_retry(run: Callable[[int], T], tile: int) -> T:
+    """`run(tile)`, retried with half-size tiles after a CUDA out-of-memory error, down to
+    MIN_TILE; then TilingOutOfMemoryError."""
+    while True:
+        try:
+            return run(tile)
+        except torch.cuda.OutOfMemoryError as err:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if tile <= MIN_TILE:
+                raise TilingOutOfMemoryError(f"out of device memory even with {tile}-pixel latent tiles") from err
+            tile = max(MIN_TILE, tile // 2 // LATENT_FACTOR * LATENT_FACTOR)
+
+
+def estimator_view(lowres: torch.Tensor, max_side: int = ESTIMATOR_MAX_SIDE) -> torch.Tensor:
+    """What the degradation estimator sees: the centre crop of at most `max_side` per side.
+
+    A crop, not a resize: the estimator ends in a global average pool, so on a crop it averages
+    the same local statistics over less area, while resizing changes the very noise and blur
+    levels it measures (shrinking 2x halves blur radius and averages noise away). Measured on
+    scikit-image's photos with the random-weight estimator (bench-tiling --estimator-drift):
+    see README, section upscale.
+    """
+    height, width = lowres.shape[-2:]
+    crop_h, crop_w = min(height, max_side), min(width, max_side)
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return lowres[..., top:top + crop_h, left:left + crop_w]
+
