@@ -1,0 +1,93 @@
+"""The two images: hadolint-clean, built from the same package and torch pin as pyproject.toml,
+and the service image runs `s3diff serve` as a non-root user with a /readyz health check."""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+
+import pytest
+from dockerfile_parse import DockerfileParser
+
+from .deploy_helpers import DOCKER_DIR, DOCKERFILES, REPO_ROOT, pip_tool, run_tool, settings_env_names
+
+SERVICE_DOCKERFILE = DOCKER_DIR / "service.Dockerfile"
+TRAIN_DOCKERFILE = DOCKER_DIR / "train.Dockerfile"
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def instructions(dockerfile) -> list[dict]:
+    return [i for i in DockerfileParser(path=str(dockerfile)).structure if i["instruction"] != "COMMENT"]
+
+
+def final_stage(dockerfile) -> list[dict]:
+    """Instructions of the stage that becomes the image (after the last FROM)."""
+    steps = instructions(dockerfile)
+    last_from = max(index for index, step in enumerate(steps) if step["instruction"] == "FROM")
+    return steps[last_from + 1:]
+
+
+def values(steps: list[dict], instruction: str) -> list[str]:
+    return [step["value"] for step in steps if step["instruction"] == instruction]
+
+
+def test_both_dockerfiles_exist():
+    assert DOCKERFILES == [SERVICE_DOCKERFILE, TRAIN_DOCKERFILE]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_hadolint_is_clean(dockerfile):
+    result = run_tool([pip_tool("hadolint"), "--config", str(DOCKER_DIR / "hadolint.yaml"), str(dockerfile)])
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_image_runs_as_non_root_numeric_user(dockerfile):
+    # Numeric so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+    (user,) = values(final_stage(dockerfile), "USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_torch_pin_matches_pyproject(dockerfile):
+    (project_pin,) = [dep for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("torch")]
+    image_pins = re.findall(r"torch==[\w.+]+", " ".join(values(instructions(dockerfile), "RUN")))
+    assert image_pins == [project_pin]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_every_package_of_the_project_is_copied(dockerfile):
+    packages = {pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {value.split()[0] for value in values(instructions(dockerfile), "COPY") if not value.startswith("--from")}
+    assert packages <= copied
+    ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
+    for source in copied:
+        for name in source.split():
+            assert (REPO_ROOT / name).exists() and name not in ignored, name
+
+
+def test_service_image_serves_from_the_weights_volume():
+    steps = final_stage(SERVICE_DOCKERFILE)
+    assert json.loads(values(steps, "VOLUME")[0]) == ["/weights"]
+    env = " ".join(values(steps, "ENV"))
+    assert re.search(r"S3DIFF_WEIGHTS=/weights/\S+", env)
+    assert "S3DIFF_HOST=0.0.0.0" in env  # the settings default (127.0.0.1) is unreachable from outside
+    command = json.loads(values(steps, "ENTRYPOINT")[0]) + json.loads(values(steps, "CMD")[0])
+    assert command[:2] == ["s3diff", "serve"]
+
+
+def test_service_healthcheck_probes_readyz():
+    (healthcheck,) = values(final_stage(SERVICE_DOCKERFILE), "HEALTHCHECK")
+    assert "/readyz" in healthcheck and "--start-period=" in healthcheck
+
+
+def test_train_image_installs_the_training_extra():
+    assert "train" in PYPROJECT["project"]["optional-dependencies"]
+    assert any(re.search(r"pip install \S*\[train\]", run) for run in values(instructions(TRAIN_DOCKERFILE), "RUN"))
+
+
+def test_service_image_environment_names_are_settings():
+    env = " ".join(values(final_stage(SERVICE_DOCKERFILE), "ENV"))
+    names = set(re.findall(r"\b(S3DIFF_\w+)=", env))
+    assert names and names <= settings_env_names()
