@@ -72,7 +72,7 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PI
         raise ImageTooLargeError(str(err)) from err
     except (OSError, SyntaxError, ValueError) as err:
         if sniffed:
-            raise CorruptImageError(f"cannot read this {sniffed} file: {err}") from err
+            raise CorruptImageError(f"cannot read this {sniffed} file: it is corrupt or truncated") from err
         raise UnsupportedImageError("not a PNG, JPEG, WebP, TIFF or BMP image") from err
     if image.format not in INPUT_FORMATS:
         raise UnsupportedImageError(f"unsupported image format {image.format}; accepted: PNG, JPEG, WebP, TIFF, BMP")
