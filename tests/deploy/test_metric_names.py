@@ -78,7 +78,7 @@ def test_dashboard_shows_what_operators_need():
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le) (rate(s3diff_request_duration_seconds_bucket" in joined
     for needed in ("rate(s3diff_requests_total", "s3diff_queue_depth", "s3diff_batch_size_",
-                   "s3diff_gpu_memory_bytes", 'sum by (status) (rate(s3diff_requests_total{status=~"[45].."}'):
+                   "s3diff_gpu_memory_bytes", 'sum by (status) (rate(s3diff_requests_total{endpoint=~"/v1/.+",status=~"[45].."}'):
         assert needed in joined, needed
 
 
