@@ -113,6 +113,7 @@ class Batcher:
             raise ServiceError(429, "queue_full", f"{len(self._queue)} requests are waiting; retry in {wait} s",
                                {"Retry-After": str(wait)})
         item = _Item(payload, key, asyncio.get_running_loop().create_future())
+        metrics.INFLIGHT.inc()
         self._queue.append(item)
         self._on_queue_change()
         self._arrived.set()
@@ -128,6 +129,7 @@ class Batcher:
             metrics.REJECTED.labels("deadline").inc()
             raise ServiceError(504, "deadline_exceeded", f"no result within the {timeout_s:g} s request deadline")
         finally:
+            metrics.INFLIGHT.dec()
             if watcher is not None:
                 watcher.cancel()
             if not item.future.done():

@@ -1,0 +1,72 @@
+"""Malformed and unusual files: each gets its documented answer, never a 5xx, and the server
+keeps serving. Two entries are valid if odd images (1x1, CMYK JPEG) and are served."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service.images import decode, encode, png_bytes, random_rgb
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares width x height over a few bytes of pixel data."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def decompression_bomb() -> bytes:
+    """25 megapixels of zeros in ~25 KB: over the 16.7 Mpx input limit."""
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def animated_gif() -> bytes:
+    frames = [Image.fromarray(random_rgb(16, 16, seed)) for seed in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def cmyk_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(random_rgb(16, 16, 4)).convert("CMYK").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+CORPUS = {
+    "truncated.png": (png_bytes(32, 32)[:300], 400, "corrupt_image"),
+    "truncated.jpg": (encode(random_rgb(64, 64), "JPEG")[:600], 400, "corrupt_image"),
+    "zero-bytes.png": (b"", 400, "empty_body"),
+    "text-renamed.png": (b"hello, I am a text file\n" * 4, 415, "unsupported_image"),
+    "bomb.png": (decompression_bomb(), 413, "image_too_large"),
+    "huge-header.png": (png_with_header(100_000, 100_000), 413, "image_too_large"),
+    "animated.gif": (animated_gif(), 415, "unsupported_image"),
+    "one-pixel.png": (encode(np.full((1, 1, 3), 200, np.uint8)), 200, None),
+    "cmyk.jpg": (cmyk_jpeg(), 200, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_file_gets_its_documented_answer(client, name):
+    data, status, code = CORPUS[name]
+    for route in ("/v1/upscale", "/v1/degradation"):
+        response = client.post(route, params={"noise": 0.5, "blur": 0.5} if route == "/v1/upscale" else None,
+                               files={"image": (name, data, "application/octet-stream")})
+        assert response.status_code == status, (route, response.text)
+        if code is not None:
+            assert response.json()["error"]["code"] == code
+    if status == 200 and name == "one-pixel.png":
+        assert decode(client.post("/v1/upscale", content=data).content).shape == (4, 4, 3)
+
+
+def test_server_still_serves_after_the_corpus(client):
+    response = client.post("/v1/upscale", content=png_bytes(8, 8))
+    assert response.status_code == 200 and decode(response.content).shape == (32, 32, 3)
