@@ -15,6 +15,23 @@ from model import S3DiffPipeline
 from model.image_io import decode_image
 
 
+_LOADED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def load_weights_once(monkeypatch):
+    """Each CLI call loads the weights; keep the first load of each folder for the later calls so
+    the suite pays for warm-up once (the loading itself is the model package's own test)."""
+    load = S3DiffPipeline.from_merged.__func__
+
+    def from_merged_once(cls, merged_dir, device=None, dtype=None):
+        key = (str(merged_dir), device, dtype)
+        if key not in _LOADED:
+            _LOADED[key] = load(cls, merged_dir, device, dtype)
+        return _LOADED[key]
+    monkeypatch.setattr(S3DiffPipeline, "from_merged", classmethod(from_merged_once))
+
+
 def _run(capsys, *argv) -> tuple[int, str]:
     code = main(["upscale", *map(str, argv)])
     return code, capsys.readouterr().err
@@ -44,9 +61,9 @@ def inputs(tmp_path_factory):
 def test_single_file_matches_the_python_api(capsys, tmp_path, inputs, tiny_merged_dir):
     target = tmp_path / "cat.png"
     code, _ = _run(capsys, inputs / "chelsea.png", "-o", target, "--weights", tiny_merged_dir,
-                   "--noise", "0.3", "--blur", "0.2", "--dtype", "fp32", "--device", "cpu")
+                   "--noise", "0.3", "--blur", "0.2", "--dtype", "fp32")
     assert code == 0
-    pipe = S3DiffPipeline.from_merged(tiny_merged_dir, device="cpu", dtype="fp32")
+    pipe = S3DiffPipeline.from_merged(tiny_merged_dir, dtype="fp32")
     expected = pipe.enhance(decode_image(inputs / "chelsea.png").rgb[None], noise=0.3, blur=0.2).images[0]
     expected_u8 = np.rint(expected.permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # rounded, not truncated
     assert np.array_equal(np.asarray(Image.open(target)), expected_u8)
