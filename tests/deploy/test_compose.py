@@ -64,6 +64,7 @@ def test_serve_environment_names_are_settings(compose):
     names = {key for name in SERVE_SERVICES for key in compose["services"][name]["environment"]
              if key.startswith("S3DIFF_")}
     assert names and names <= settings_env_names()
+    assert all(compose["services"][name]["environment"]["HF_HUB_OFFLINE"] == "1" for name in SERVE_SERVICES)
 
 
 def test_weights_init_converts_only_into_an_empty_volume(compose):

@@ -92,7 +92,8 @@ def test_grace_period_covers_prestop_sleep_and_drain(manifests):
 def test_server_container_matches_image_cli_and_settings(manifests):
     container = server_container(manifests["Deployment"])
     assert parse_cli(container["args"]).command == "serve"
-    assert {env["name"] for env in container["env"]} <= settings_env_names()
+    assert {env["name"] for env in container["env"] if env["name"].startswith("S3DIFF_")} <= settings_env_names()
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"]
     image_user = re.search(r"^USER (\d+)", (DOCKER_DIR / "service.Dockerfile").read_text(), re.M).group(1)
     assert manifests["Deployment"]["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(image_user)
     assert re.search(r"S3DIFF_PORT=(\d+)", (DOCKER_DIR / "service.Dockerfile").read_text()).group(1) == str(
