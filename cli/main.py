@@ -11,6 +11,7 @@ SUBCOMMAND_MODULES = [
     "cli.upscale",
     "cli.bench",
     "cli.serve",
+    "cli.loadtest",
 ]
 
 
