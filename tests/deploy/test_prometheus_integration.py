@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from .deploy_helpers import DASHBOARD_FILE, PROMETHEUS_DIR, REPO_ROOT, dashboard
 UPSCALES = 8
 START_TIMEOUT_S = 120
 SCRAPE_TIMEOUT_S = 30
+NEVER_EVALUATED = "0001-01-01T00:00:00Z"  # Prometheus' lastEvaluation before the first run
 
 
 def free_port() -> int:
@@ -113,17 +115,30 @@ def upscale_buckets_from_service(service: httpx.Client) -> dict[float, float]:
             if sample.name.endswith("_bucket") and sample.labels["endpoint"] == "/v1/upscale"}
 
 
-def test_prometheus_scrapes_the_service_and_reports_p99(tiny_merged_dir, tmp_path):
+@dataclass
+class ScrapedBurst:
+    """A service and a Prometheus scraping it, after a burst of upscales Prometheus has seen."""
+    service: httpx.Client
+    prometheus: httpx.Client
+    statuses: Counter
+    latencies: list[float]
+    prometheus_process: subprocess.Popen
+    prometheus_log: Path
+
+
+@pytest.fixture(scope="module")
+def burst(tiny_merged_dir, tmp_path_factory):
     prometheus_binary = debian_tool("prometheus")
+    work_dir = tmp_path_factory.mktemp("prometheus-integration")
     service_port, prometheus_port = free_port(), free_port()
     service_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     serve = [sys.executable, "-m", "cli.main", "serve", "--weights", str(tiny_merged_dir), "--host", "127.0.0.1",
              "--port", str(service_port), "--workers", "1", "--device", "cpu"]
-    config_file = tmp_path / "prometheus.yml"
+    config_file = work_dir / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(scrape_config_for(f"127.0.0.1:{service_port}")))
-    prometheus_args = [prometheus_binary, f"--config.file={config_file}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+    prometheus_args = [prometheus_binary, f"--config.file={config_file}", f"--storage.tsdb.path={work_dir / 'tsdb'}",
                        f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn"]
-    service_log, prometheus_log = tmp_path / "service.log", tmp_path / "prometheus.log"
+    service_log, prometheus_log = work_dir / "service.log", work_dir / "prometheus.log"
 
     with running(serve, service_log, service_env) as service_process, \
             running(prometheus_args, prometheus_log) as prometheus_process, \
@@ -135,10 +150,6 @@ def test_prometheus_scrapes_the_service_and_reports_p99(tiny_merged_dir, tmp_pat
                  prometheus_process, prometheus_log)
         wait_for(lambda: scalar(prometheus, 'up{job="s3diff"}') == 1, SCRAPE_TIMEOUT_S, "first scrape",
                  prometheus_process, prometheus_log)
-
-        def scraped_upscales():
-            return scalar(prometheus, 'sum(s3diff_requests_total{endpoint="/v1/upscale"})')
-
         statuses, latencies = Counter(), []
 
         def upscale(body: bytes) -> None:
@@ -146,44 +157,56 @@ def test_prometheus_scrapes_the_service_and_reports_p99(tiny_merged_dir, tmp_pat
             statuses[service.post("/v1/upscale", content=body, headers={"Content-Type": "image/png"}).status_code] += 1
             latencies.append(time.perf_counter() - started)
 
+        def scraped_upscales():
+            return scalar(prometheus, 'sum(s3diff_requests_total{endpoint="/v1/upscale"})')
+
         # One request first, scraped before the rest, so that rate() sees the whole burst.
         upscale(png_bytes(0))
-        wait_for(lambda: scraped_upscales() == 1, SCRAPE_TIMEOUT_S, "warm-up scraped", prometheus_process, prometheus_log)
+        wait_for(lambda: scraped_upscales() == 1, SCRAPE_TIMEOUT_S, "first upscale scraped",
+                 prometheus_process, prometheus_log)
         for seed in range(1, UPSCALES + 1):
             upscale(png_bytes(seed))
         upscale(b"not an image")
-        assert statuses[200] == UPSCALES + 1 and sum(statuses.values()) == UPSCALES + 2
-        wait_for(lambda: scraped_upscales() == UPSCALES + 2, SCRAPE_TIMEOUT_S, "all requests scraped",
+        wait_for(lambda: scraped_upscales() == UPSCALES + 2, SCRAPE_TIMEOUT_S, "all upscales scraped",
                  prometheus_process, prometheus_log)
+        yield ScrapedBurst(service, prometheus, statuses, latencies, prometheus_process, prometheus_log)
 
-        by_status = {item["metric"]["status"]: float(item["value"][1]) for item in
-                     instant(prometheus, 'sum by (status) (s3diff_requests_total{endpoint="/v1/upscale"})')}
-        assert by_status == {str(status): float(count) for status, count in statuses.items()}
 
-        # Cumulative p99 as Prometheus computes it == the same rule applied to the service's own /metrics.
-        stored_p99 = scalar(prometheus, 'histogram_quantile(0.99, sum by (le) '
-                                        '(s3diff_request_duration_seconds_bucket{endpoint="/v1/upscale"}))')
-        assert stored_p99 == pytest.approx(bucket_quantile(0.99, upscale_buckets_from_service(service)), rel=1e-9)
+def test_status_counts_reach_prometheus(burst):
+    assert burst.statuses[200] == UPSCALES + 1 and sum(burst.statuses.values()) == UPSCALES + 2
+    by_status = {item["metric"]["status"]: float(item["value"][1]) for item in
+                 instant(burst.prometheus, 'sum by (status) (s3diff_requests_total{endpoint="/v1/upscale"})')}
+    assert by_status == {str(status): float(count) for status, count in burst.statuses.items()}
 
-        # The dashboard's own p99 panel query: every observation is at most the slowest client-side
-        # latency, so p99 cannot pass the bucket bound above it (with this few requests, rate()'s
-        # extrapolation can move the rank up to that bucket, so no tighter bound holds).
-        (p99_panel_query,) = {query for query in dashboard_queries(json.loads(DASHBOARD_FILE.read_text()))
-                              if query.startswith("histogram_quantile(0.99,")}
-        query = p99_panel_query.replace("$__rate_interval", "1m").replace('=~"$endpoint"', '="/v1/upscale"')
-        dashboard_p99 = scalar(prometheus, query)
-        bound = min(b for b in upscale_buckets_from_service(service) if b >= max(latencies))
-        assert dashboard_p99 is not None and 0 < dashboard_p99 <= bound
-        print(f"p99 over {UPSCALES} upscales: dashboard query {dashboard_p99:.4f} s, cumulative {stored_p99:.4f} s, "
-              f"client max {max(latencies):.4f} s")
 
-        # The repository's alert rules load and evaluate on real data without errors.
-        def evaluated_rules():
-            groups = prometheus.get("/api/v1/rules").json()["data"]["groups"]
-            rules = [rule for group in groups for rule in group["rules"]]
-            return rules if rules and all(rule.get("lastEvaluation", "").startswith("2") for rule in rules) else None
+def test_p99_over_all_requests_matches_the_service_histogram(burst):
+    # Prometheus' answer on what it stored == the same rule applied to the service's own /metrics.
+    stored_p99 = scalar(burst.prometheus, 'histogram_quantile(0.99, sum by (le) '
+                                          '(s3diff_request_duration_seconds_bucket{endpoint="/v1/upscale"}))')
+    assert stored_p99 == pytest.approx(bucket_quantile(0.99, upscale_buckets_from_service(burst.service)), rel=1e-9)
+    print(f"cumulative p99 of {UPSCALES + 2} upscale requests: {stored_p99:.4f} s")
 
-        rules = wait_for(evaluated_rules, SCRAPE_TIMEOUT_S, "rules evaluated", prometheus_process, prometheus_log)
-        assert {rule["name"]: rule["health"] for rule in rules} == {
-            "S3DiffHighP99Latency": "ok", "S3DiffHigh5xxRatio": "ok", "S3DiffNotReady": "ok"}
-        assert all(rule["state"] == "inactive" for rule in rules)
+
+def test_dashboard_p99_query_answers_on_real_data(burst):
+    # Every observation is at most the slowest client-side latency, so p99 cannot pass the bucket
+    # bound above it (with this few requests, rate()'s extrapolation can move the rank up to that
+    # bucket, so no tighter bound holds).
+    (p99_panel_query,) = {query for query in dashboard_queries(json.loads(DASHBOARD_FILE.read_text()))
+                          if query.startswith("histogram_quantile(0.99,")}
+    query = p99_panel_query.replace("$__rate_interval", "1m").replace('=~"$endpoint"', '="/v1/upscale"')
+    dashboard_p99 = scalar(burst.prometheus, query)
+    bound = min(b for b in upscale_buckets_from_service(burst.service) if b >= max(burst.latencies))
+    assert dashboard_p99 is not None and 0 < dashboard_p99 <= bound
+    print(f"dashboard p99 {dashboard_p99:.4f} s; slowest client-side request {max(burst.latencies):.4f} s")
+
+
+def test_alert_rules_evaluate_quietly_on_a_healthy_service(burst):
+    def evaluated_rules():
+        groups = burst.prometheus.get("/api/v1/rules").json()["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        return rules if rules and all(rule["lastEvaluation"] != NEVER_EVALUATED for rule in rules) else None
+
+    rules = wait_for(evaluated_rules, SCRAPE_TIMEOUT_S, "rules evaluated", burst.prometheus_process, burst.prometheus_log)
+    assert {rule["name"]: (rule["health"], rule["state"]) for rule in rules} == {
+        "S3DiffHighP99Latency": ("ok", "inactive"), "S3DiffHigh5xxRatio": ("ok", "inactive"),
+        "S3DiffNotReady": ("ok", "inactive")}
