@@ -62,6 +62,7 @@ def test_every_package_of_the_project_is_copied(dockerfile):
     copied = {value.split()[0] for value in values(instructions(dockerfile), "COPY") if not value.startswith("--from")}
     assert packages <= copied
     ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", "weights"} <= ignored  # never send VCS history or local weights as build context
     for source in copied:
         for name in source.split():
             assert (REPO_ROOT / name).exists() and name not in ignored, name
