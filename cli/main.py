@@ -9,6 +9,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "cli.convert",
     "cli.upscale",
+    "cli.bench_tiling",
     "cli.bench",
     "cli.serve",
     "cli.loadtest",
