@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 
 import pytest
 from dockerfile_parse import DockerfileParser
@@ -92,3 +96,27 @@ def test_service_image_environment_names_are_settings():
     env = " ".join(values(final_stage(SERVICE_DOCKERFILE), "ENV"))
     names = set(re.findall(r"\b(S3DIFF_\w+)=", env))
     assert names and names <= settings_env_names()
+
+
+def test_package_builds_from_exactly_what_the_image_copies(tmp_path):
+    """The builder stage's COPY set, built into a wheel offline: it holds every package, the static
+    page and the `s3diff` entry point the image runs."""
+    context = tmp_path / "src"
+    context.mkdir()
+    copies = [copy.split()[:-1] for copy in values(instructions(SERVICE_DOCKERFILE), "COPY")
+              if not copy.startswith("--from")]
+    for sources in copies:
+        for source in sources:
+            if (REPO_ROOT / source).is_dir():
+                shutil.copytree(REPO_ROOT / source, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(REPO_ROOT / source, context / source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist"), str(context)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == packages
+    assert "service/static/index.html" in names
+    (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+    assert "s3diff = cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
