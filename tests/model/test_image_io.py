@@ -78,6 +78,14 @@ def test_grayscale_photo_stays_grayscale():
     assert written.mode == "L" and np.array_equal(np.asarray(written), camera)
 
 
+def test_gray_with_alpha_stays_gray_with_alpha():
+    gray_alpha = np.dstack([photos.camera()[:20, :30], np.tile(np.arange(30, dtype=np.uint8) * 8, (20, 1))])
+    decoded = decode_image(_save(gray_alpha, "PNG"))
+    assert decoded.grayscale and decoded.alpha is not None
+    written = Image.open(io.BytesIO(encode_like(decoded.rgb, decoded)))
+    assert written.mode == "LA" and np.array_equal(np.asarray(written), gray_alpha)
+
+
 def test_color_output_for_gray_input_is_written_as_luma():
     decoded = decode_image(_save(np.zeros((4, 4), np.uint8), "PNG"))
     rgb = torch.tensor([0.2, 0.6, 0.9])[:, None, None].expand(3, 4, 4)
