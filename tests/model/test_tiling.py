@@ -117,7 +117,7 @@ def test_blended_tiles_leave_no_seams_where_hard_cut_tiles_do(astronaut):
     blended = tiled_apply(net, astronaut, 64, 24)
     hard_cut = tiled_apply(net, astronaut, 64, 0)  # no overlap: each pixel from exactly one tile
     for axis in (2, 3):
-        # Measured: blended 0.98 / 1.05, hard cut 7.2 / 3.1 (rows / columns).
+        # Measured (rows / columns): blended 1.05 / 0.98, hard cut 7.2 / 3.1.
         assert _seam_ratio(blended, untiled, 64, 24, axis) <= 1.1
         assert _seam_ratio(hard_cut, untiled, 64, 0, axis) >= 2.5
     # Tiled vs untiled, measured 0.057 mean / 0.97 max abs (a random GroupNorm net is far more
