@@ -55,6 +55,12 @@ def drain_timeout_s() -> float:
     return ServiceSettings.model_fields["drain_timeout_s"].default
 
 
+def default_max_batch() -> int:
+    from service.settings import ServiceSettings
+
+    return ServiceSettings.model_fields["max_batch"].default
+
+
 def parse_cli(argv: list[str]):
     """argv as the real `s3diff` parser reads it: flags that drift from the CLI fail here."""
     from cli.main import build_parser

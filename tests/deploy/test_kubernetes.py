@@ -10,7 +10,8 @@ import shutil
 import kubernetes_validate
 import pytest
 import yaml
-from .deploy_helpers import DOCKER_DIR, KUBERNETES_DIR, drain_timeout_s, parse_cli, run_tool, settings_env_names
+from .deploy_helpers import (DOCKER_DIR, KUBERNETES_DIR, default_max_batch, drain_timeout_s, parse_cli, run_tool,
+                             settings_env_names)
 
 # Oldest Kubernetes still widely run, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
@@ -125,7 +126,9 @@ def test_scaled_object_scales_the_deployment_on_its_queue(manifests):
     # The operator names a ServiceMonitor's job after the Service.
     assert queries == {f'sum({metric}{{job="{service["metadata"]["name"]}"}})'
                        for metric in ("s3diff_queue_depth", "s3diff_inflight_requests")}
-    assert all(float(trigger["metadata"]["threshold"]) > 0 for trigger in scaled["spec"]["triggers"])
+    # Per pod: one full batch waiting; one batch running plus one waiting.
+    thresholds = {trigger["name"]: float(trigger["metadata"]["threshold"]) for trigger in scaled["spec"]["triggers"]}
+    assert thresholds == {"queue-depth": default_max_batch(), "inflight-requests": 2 * default_max_batch()}
 
 
 def test_prometheus_rule_equals_the_compose_rules(manifests, alert_rules):
