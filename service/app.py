@@ -83,8 +83,8 @@ class ServiceState:
 
     async def drain(self) -> bool:
         """SIGTERM: /readyz turns 503, new work is refused, queued work gets `drain_timeout_s`."""
-        if self.batcher is None:
-            return True
+        if self.batcher is None or not self.batcher.accepting and self.batcher.depth == 0:
+            return True  # nothing to do, or already drained by the signal handler
         finished = await self.batcher.drain(self.settings.drain_timeout_s)
         logger.info("drained" if finished else "drain timed out with work still queued")
         return finished

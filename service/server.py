@@ -86,6 +86,7 @@ def run_worker(settings: ServiceSettings, sock: socket.socket | None = None) -> 
 
 
 def serve(settings: ServiceSettings) -> int:
+    configure_logging(settings.log_level)
     devices = worker_devices(settings)
     if len(devices) == 1:
         run_worker(settings.model_copy(update={"device": devices[0]}))
