@@ -82,11 +82,16 @@ def test_dashboard_shows_what_operators_need():
         assert needed in joined, needed
 
 
-def test_dashboard_panels_use_the_provisioned_datasource():
+def test_dashboard_panels_use_the_datasource_and_do_not_overlap():
     dashboard = json.loads(DASHBOARD_FILE.read_text())
     (datasource,) = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/prometheus.yml").read_text())["datasources"]
     panel_ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(panel_ids) == len(set(panel_ids))
+    covered: set[tuple[int, int]] = set()
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == datasource["uid"]
         assert all(target["datasource"]["uid"] == datasource["uid"] for target in panel["targets"])
+        grid = panel["gridPos"]
+        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert grid["x"] + grid["w"] <= 24 and not cells & covered, panel["title"]  # Grafana's grid is 24 wide
+        covered |= cells
