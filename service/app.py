@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
+import torch
 from fastapi import FastAPI
 
 from model import S3DiffPipeline
@@ -62,10 +63,18 @@ class ServiceState:
     async def start(self) -> None:
         settings = self.settings
         self.predictor = Predictor(None, lambda: self._loader(settings, "fp32"))  # pipeline set once loaded
-        self.batcher = Batcher(self.predictor, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+        self.batcher = Batcher(self._predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                                max_queue=settings.max_queue)
         self.batcher.start()
         self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    def _predict(self, tasks: list) -> list:
+        """The batcher's predict step (inference thread), recording device memory after each batch."""
+        results = self.predictor(tasks)
+        device = self.predictor.pipeline.device
+        if device.type == "cuda":
+            metrics.GPU_MEMORY.labels(str(device)).set(torch.cuda.memory_allocated(device))
+        return results
 
     async def _load(self) -> None:
         try:

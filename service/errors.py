@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import InvalidInputError, NonFiniteOutputError
+from model.errors import InvalidInputError, NonFiniteOutputError, S3DiffError
 from model.image_io import CorruptImageError, ImageTooLargeError, UnsupportedImageError
 
 logger = logging.getLogger("s3diff.service")
@@ -31,8 +32,16 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
+# What the inference path may raise on purpose; anything else is a bug and a logged 500.
+MODEL_ERRORS = (S3DiffError, torch.OutOfMemoryError)
+
+
 def from_model_error(error: Exception) -> ServiceError:
     """Map the model package's typed errors to HTTP (the order matters: subclasses first)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        # A batch that ran out of memory was already retried item by item (batcher.py).
+        return ServiceError(503, "out_of_memory", "the device ran out of memory for this image; retry later",
+                            {"Retry-After": "5"})
     if isinstance(error, ImageTooLargeError):
         return ServiceError(413, "image_too_large", str(error))
     if isinstance(error, UnsupportedImageError):

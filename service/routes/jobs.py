@@ -4,6 +4,7 @@ progress in work units, i.e. tiles), fetch the result, or DELETE to cancel."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from service.jobs import Job, JobCancelled
 from service.request_log import note
 from service.routes.upscale import _IMAGE_BODY, _IMAGE_FIELD, UpscaleParams, decode_upload, merged_params, read_upload, run_upscale
 
+logger = logging.getLogger("s3diff.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
 
@@ -42,6 +44,7 @@ async def _run_job(service, job: Job, task) -> None:
     except ServiceError as error:
         job.status, job.error = "failed", error
     except Exception as error:  # noqa: BLE001 - a job's failure is reported by its status, not lost
+        logger.exception("job %s failed", job.id)
         job.status, job.error = "failed", from_model_error(error)
     finally:
         job.finished_at = time.time()

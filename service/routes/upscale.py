@@ -9,10 +9,9 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model import S3DiffError
 from service import metrics
 from service.auth import require_api_key
-from service.errors import ServiceError, from_model_error
+from service.errors import MODEL_ERRORS, ServiceError, from_model_error
 from service.request_log import note
 from service.stages import (EncodedImage, EstimateTask, Prediction, UpscaleOptions, UpscaleTask, batch_key, decode,
                             decode_for_estimate, encode)
@@ -85,7 +84,7 @@ async def decode_upload(request: Request, data: bytes, params: UpscaleParams | N
                 data, params.options(), max_input_pixels=settings.max_input_pixels,
                 max_output_pixels=settings.max_output_pixels))
             note(request, output_size=list(task.output_size))
-    except S3DiffError as error:
+    except MODEL_ERRORS as error:
         raise from_model_error(error) from error
     note(request, input_size=list(task.image.size))
     return task
@@ -109,7 +108,7 @@ async def run_upscale(service, task: UpscaleTask, *, timeout_s: float, client_go
     try:
         outcome = await service.batcher.submit(task, key=batch_key(task, latent_tile), timeout_s=timeout_s,
                                                client_gone=client_gone)
-    except S3DiffError as error:
+    except MODEL_ERRORS as error:
         raise from_model_error(error) from error
     prediction = outcome.result
     encoded = await service.run_codec(encode, task, prediction)
@@ -157,7 +156,7 @@ async def estimate_degradation(request: Request,
     try:
         outcome = await batcher.submit(task, key=("estimate", *task.image.size),
                                        timeout_s=service.settings.request_timeout_s, client_gone=request.is_disconnected)
-    except S3DiffError as error:
+    except MODEL_ERRORS as error:
         raise from_model_error(error) from error
     noise, blur = outcome.result
     note(request, noise=round(noise, 4), blur=round(blur, 4), batch_size=outcome.batch_size)
