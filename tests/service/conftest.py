@@ -35,9 +35,9 @@ class RunningServer:
     log_path: Path
     api_key: str | None
 
-    def client(self, **options) -> httpx.Client:
+    def client(self, timeout: float = 60, **options) -> httpx.Client:
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **options)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, **options)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -6,6 +6,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -201,3 +202,18 @@ def test_request_log_is_one_json_line_per_request(server, client):
     record = lines[0]
     assert (record["route"], record["status"], record["batch_size"]) == ("/v1/upscale", 200, 1)
     assert record["input_size"] == [8, 8] and record["noise"] == 0.5 and "unet" in record["times"]
+
+
+def test_client_that_disconnects_while_queued_is_dropped(server, client):
+    before = metric(client.get("/metrics").text, "s3diff_rejected_total", reason="client_disconnected")
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(client.post, "/v1/upscale", content=png_bytes(96, 96))  # keeps the model busy ~1 s
+        time.sleep(0.1)
+        with server.client(timeout=0.3) as impatient, pytest.raises(httpx.TimeoutException):
+            impatient.post("/v1/upscale", content=png_bytes(12, 12), headers={"X-Request-ID": "gave-up-1"})
+        assert slow.result(timeout=120).status_code == 200
+    after = metric(client.get("/metrics").text, "s3diff_rejected_total", reason="client_disconnected")
+    assert after - before == 1
+    time.sleep(0.2)
+    record = next(json.loads(line) for line in server.log().splitlines() if "gave-up-1" in line)
+    assert record["status"] == 499 and "batch_size" not in record  # never reached the model
