@@ -37,6 +37,7 @@ class ServiceState:
     def __init__(self, settings: ServiceSettings, loader: PipelineLoader):
         self.settings, self._loader = settings, loader
         self.pipeline: S3DiffPipeline | None = None
+        self.predictor: Predictor | None = None
         self.load_error: str | None = None
         self.ready = False
         self.batcher: Batcher | None = None
@@ -62,7 +63,6 @@ class ServiceState:
 
     async def start(self) -> None:
         settings = self.settings
-        self.predictor = Predictor(None, lambda: self._loader(settings, "fp32"))  # pipeline set once loaded
         self.batcher = Batcher(self._predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                                max_queue=settings.max_queue)
         self.batcher.start()
@@ -84,7 +84,8 @@ class ServiceState:
             self.load_error = f"{type(error).__name__}: {error}"
             logger.exception("loading the model from %s failed", self.settings.weights)
             return
-        self.pipeline = self.predictor.pipeline = pipeline
+        self.pipeline = pipeline
+        self.predictor = Predictor(pipeline, lambda: self._loader(self.settings, "fp32"))
         metrics.MODEL_INFO.labels(pipeline.weights_id, str(pipeline.dtype).removeprefix("torch."),
                                   str(pipeline.device)).set(1)
         self.ready = True

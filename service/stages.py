@@ -77,7 +77,6 @@ def decode(data: bytes, options: UpscaleOptions, *, max_input_pixels: int, max_o
         raise ServiceError(413, "output_too_large",
                            f"a {width}x{height} input at scale {options.scale:g} exceeds the output limit of "
                            f"{max_output_pixels} pixels")
-    output_format_for(image.source_format, options.format)
     return UpscaleTask(image, options, output_size, timings={"image_read": time.perf_counter() - started})
 
 
