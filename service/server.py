@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -124,4 +125,5 @@ def _serve_many(settings: ServiceSettings, devices: list[str | None]) -> int:
         worker.join()
         multiprocess.mark_process_dead(worker.pid, metrics_dir)
     sock.close()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return max((abs(worker.exitcode or 0) for worker in workers), default=0)
