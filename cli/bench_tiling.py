@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048], help="output sides (input = side/4)")
     parser.add_argument("--tile-size", type=int, default=None, help="latent tile (default: the pipeline's choice)")
     parser.add_argument("--untiled-up-to", type=int, default=1024, help="also time untiled runs up to this output side")
+    parser.add_argument("--warmup", action="store_true",
+                        help="warm up on the timed shapes first (matters for small models; full-size ones are compute-bound)")
     parser.add_argument("--skip-drift", action="store_true", help="do not measure the estimator's score drift")
     parser.add_argument("--out", type=Path, default=Path("bench-results/bench-tiling.json"))
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size in this process
@@ -70,10 +72,13 @@ def measure_one(args: argparse.Namespace) -> dict:
                           args.device, args.dtype)
     lowres = _photo(args.one // 4)
     tile = 10_000 if args.untiled else args.tile_size
-    # Warm-up on the shapes the timed run uses (oneDNN/cuDNN pick kernels per shape): the same
-    # image when untiled; one full tile when tiled, since every tile has the tile's shape.
-    warmup_side = args.one // 4 if args.untiled else min(args.one, 8 * (tile or 96)) // 4
-    pipe.enhance(_photo(warmup_side), noise=0.5, blur=0.5, tile_size=tile)
+    if args.warmup:
+        # On the shapes the timed run uses (oneDNN/cuDNN pick kernels per shape): the same image
+        # when untiled; one full tile when tiled, since every tile has the tile's shape.
+        warmup_side = args.one // 4 if args.untiled else min(args.one, 8 * (tile or 96)) // 4
+        pipe.enhance(_photo(warmup_side), noise=0.5, blur=0.5, tile_size=tile)
+    else:
+        pipe.warmup()
     peak_reset = _reset_peak_rss()
     rss_before = _rss_mib("VmRSS")
     if pipe.device.type == "cuda":
@@ -140,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "cli.main", "bench-tiling", "--one", str(side), "--preset", args.preset,
                    "--dtype", args.dtype, "--device", args.device, "--out", str(args.out)]
         command += ["--untiled"] if untiled else []
+        command += ["--warmup"] if args.warmup else []
         command += ["--tile-size", str(args.tile_size)] if args.tile_size else []
         completed = subprocess.run(command, capture_output=True, text=True, check=False)
         if completed.returncode != 0:
