@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from model import MergedConfig, S3DiffPipeline
     from model.pipeline import pad_to_multiple
     from model.presets import build_model
+    from model.tiling import DEFAULT_TILE
 
     pipe = S3DiffPipeline(build_model(args.preset, seed=0), MergedConfig(unet={}, vae={}, scheduler={}), args.device, args.dtype)
     model, device = pipe.model, pipe.device
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         latent = model.encode(image)
         timestep = torch.tensor(999, device=device)
         dtype = model.unet.dtype
+        tile = max(DEFAULT_TILE, max(image.shape[-2:]) // 8)  # one tile: the same work as the unfolded call
 
         def separate_cfg() -> None:
             for embeds in (model.positive_embeds, model.negative_embeds):
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             alternatives["unet_fused"].append(_timed(lambda: model.predict_noise(latent, 1.07), device))
             alternatives["unet_separate"].append(_timed(separate_cfg, device))
             alternatives["encode_unfolded"].append(_timed(lambda: model.encode(image), device))
-            alternatives["encode_folded"].append(_timed(lambda: pipe._encode(image, False, None, fold=True), device))
+            alternatives["encode_folded"].append(_timed(lambda: pipe._encode(image, False, None, True, tile), device))
 
         reference_like = []
         if not args.skip_reference:
