@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = [
     "cli.bench",
     "cli.serve",
     "cli.loadtest",
+    "cli.train",
 ]
 
 
