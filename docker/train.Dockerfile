@@ -2,7 +2,11 @@
 # S3Diff training image: the same package as the service image plus the `train` extra.
 # Build from the repository root:
 #   docker build -f docker/train.Dockerfile -t s3diff-train:latest .
-# Mount datasets at /data, base weights at /weights and write checkpoints to /runs.
+# /workspace mirrors the repository layout that training/configs/*.yaml expect (their relative
+# paths resolve against the config's folder, so ../../ is /workspace): mount the base weights at
+# /workspace/weights, datasets at /workspace/datasets, and get checkpoints in /workspace/runs.
+#   docker run --gpus all -v ... s3diff-train:latest train --config training/configs/paper.yaml
+# Several GPUs: --entrypoint accelerate ... launch -m cli.main train --config ...
 
 # See service.Dockerfile for why the "base" CUDA flavour is enough beside torch's CUDA wheel.
 ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
@@ -33,13 +37,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/venv /opt/venv
 RUN useradd --create-home --uid 10001 s3diff \
-    && mkdir -p /data /weights /runs \
-    && chown s3diff:s3diff /data /weights /runs
+    && mkdir -p /workspace/weights /workspace/datasets /workspace/runs \
+    && chown -R s3diff:s3diff /workspace
+COPY --chown=10001:10001 training/configs /workspace/training/configs
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HF_HOME=/weights/.cache/huggingface
+    HF_HOME=/workspace/weights/.cache/huggingface
 USER 10001:10001
-WORKDIR /runs
-VOLUME ["/data", "/weights", "/runs"]
+WORKDIR /workspace
+VOLUME ["/workspace/weights", "/workspace/datasets", "/workspace/runs"]
 ENTRYPOINT ["s3diff"]
-CMD ["--help"]
+CMD ["train", "--help"]

@@ -3,17 +3,20 @@ and the service image runs `s3diff serve` as a non-root user with a /readyz heal
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
 import zipfile
+from pathlib import PurePosixPath
 
 import pytest
+import yaml
 from dockerfile_parse import DockerfileParser
 
-from .deploy_helpers import DOCKER_DIR, DOCKERFILES, REPO_ROOT, pip_tool, run_tool, settings_env_names
+from .deploy_helpers import DOCKER_DIR, DOCKERFILES, REPO_ROOT, parse_cli, pip_tool, run_tool, settings_env_names
 
 SERVICE_DOCKERFILE = DOCKER_DIR / "service.Dockerfile"
 TRAIN_DOCKERFILE = DOCKER_DIR / "train.Dockerfile"
@@ -33,6 +36,17 @@ def final_stage(dockerfile) -> list[dict]:
 
 def values(steps: list[dict], instruction: str) -> list[str]:
     return [step["value"] for step in steps if step["instruction"] == instruction]
+
+
+def context_copies(steps: list[dict]) -> list[tuple[list[str], str]]:
+    """(sources, destination) of each COPY from the build context (not from another stage)."""
+    copies = []
+    for value in values(steps, "COPY"):
+        words = value.split()
+        if not any(word.startswith("--from") for word in words):
+            paths = [word for word in words if not word.startswith("--")]
+            copies.append((paths[:-1], paths[-1]))
+    return copies
 
 
 def test_both_dockerfiles_exist():
@@ -63,13 +77,12 @@ def test_torch_pin_matches_pyproject(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
 def test_every_package_of_the_project_is_copied(dockerfile):
     packages = {pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
-    copied = {value.split()[0] for value in values(instructions(dockerfile), "COPY") if not value.startswith("--from")}
+    copied = {source for sources, _ in context_copies(instructions(dockerfile)) for source in sources}
     assert packages <= copied
     ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", "weights"} <= ignored  # never send VCS history or local weights as build context
     for source in copied:
-        for name in source.split():
-            assert (REPO_ROOT / name).exists() and name not in ignored, name
+        assert (REPO_ROOT / source).exists() and source.split("/")[0] not in ignored, source
 
 
 def test_service_image_serves_from_the_weights_volume():
@@ -87,9 +100,42 @@ def test_service_healthcheck_probes_readyz():
     assert "/readyz" in healthcheck and "--start-period=" in healthcheck
 
 
-def test_train_image_installs_the_training_extra():
+def test_train_image_installs_the_training_extra_and_shows_train_usage(capsys):
     assert "train" in PYPROJECT["project"]["optional-dependencies"]
     assert any(re.search(r"pip install \S*\[train\]", run) for run in values(instructions(TRAIN_DOCKERFILE), "RUN"))
+    steps = final_stage(TRAIN_DOCKERFILE)
+    command = json.loads(values(steps, "ENTRYPOINT")[0]) + json.loads(values(steps, "CMD")[0])
+    assert command == ["s3diff", "train", "--help"]
+    with pytest.raises(SystemExit) as exited:
+        parse_cli(command[1:])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("usage: s3diff train")
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_train_config_paths_land_on_the_image_volumes(config):
+    """Config paths resolve against the config's folder: copied to the same place in the image,
+    every ../ path must reach a mounted volume and every other relative path a copied file."""
+    steps = final_stage(TRAIN_DOCKERFILE)
+    (workdir,) = values(steps, "WORKDIR")
+    volumes = [PurePosixPath(volume) for volume in json.loads(values(steps, "VOLUME")[0])]
+    (destination,) = [dest for sources, dest in context_copies(steps) if sources == ["training/configs"]]
+    assert PurePosixPath(destination) == PurePosixPath(workdir) / "training/configs"
+
+    def strings(node):
+        if isinstance(node, dict):
+            return [text for value in node.values() for text in strings(value)]
+        if isinstance(node, list):
+            return [text for value in node for text in strings(value)]
+        return [node] if isinstance(node, str) else []
+
+    relative_paths = [text for text in strings(yaml.safe_load(config.read_text())) if "/" in text]
+    assert relative_paths
+    for path in relative_paths:
+        in_image = PurePosixPath(posixpath.normpath(posixpath.join(destination, path)))
+        if path.startswith("../"):
+            assert any(in_image.is_relative_to(volume) for volume in volumes), path
+        else:
+            assert (config.parent / path).exists(), path
 
 
 def test_service_image_environment_names_are_settings():
@@ -103,9 +149,7 @@ def test_package_builds_from_exactly_what_the_image_copies(tmp_path):
     page and the `s3diff` entry point the image runs."""
     context = tmp_path / "src"
     context.mkdir()
-    copies = [copy.split()[:-1] for copy in values(instructions(SERVICE_DOCKERFILE), "COPY")
-              if not copy.startswith("--from")]
-    for sources in copies:
+    for sources, _ in context_copies(instructions(SERVICE_DOCKERFILE)):
         for source in sources:
             if (REPO_ROOT / source).is_dir():
                 shutil.copytree(REPO_ROOT / source, context / source, ignore=shutil.ignore_patterns("__pycache__"))
