@@ -188,8 +188,8 @@ class Trainer:
                 self.disc_optimizer.step()
                 self.disc_optimizer.zero_grad(set_to_none=True)
         return StepLosses(
-            total=float(total), mse=float(mse), lpips=float(lpips), gan_generator=float(gan),
-            discriminator=float(disc_loss), negatives=int(negatives.sum()),
+            total=total.item(), mse=mse.item(), lpips=lpips.item(), gan_generator=gan.item(),
+            discriminator=disc_loss.item(), negatives=int(negatives.sum()),
         )
 
     @torch.no_grad()

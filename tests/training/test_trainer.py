@@ -1,0 +1,102 @@
+"""The training engine on the tiny preset: trainable set, negative prompting, a short CPU run
+whose loss falls, checkpoints that load back through the model package, and resume."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoints import load_merged, load_release
+from training.config import TrainConfig
+from training.trainer import Trainer, draw_negatives, negative_prompting
+
+from .conftest import TINY_CONFIG
+
+STEPS = 4
+
+
+def tiny_config(output_dir: Path, **overrides) -> TrainConfig:
+    config = TrainConfig.from_yaml(TINY_CONFIG)
+    values = {"output_dir": output_dir, "max_steps": STEPS, "grad_accum_steps": 1, "checkpoint_every": STEPS,
+              "optim": config.optim.model_copy(update={"lr": 2e-3}), **overrides}
+    return config.model_copy(update=values)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, hr_batch):
+    """(trainer after STEPS optimizer steps, eval loss before, eval loss after, last checkpoint)."""
+    torch.manual_seed(0)
+    trainer = Trainer(tiny_config(tmp_path_factory.mktemp("run")))
+    before = trainer.evaluate(hr_batch)
+    checkpoint = trainer.run()
+    after = trainer.evaluate(hr_batch)
+    return trainer, before, after, checkpoint
+
+
+def test_negative_prompting_replaces_exactly_the_drawn_samples():
+    generator = torch.Generator().manual_seed(0)
+    negatives = draw_negatives(6, 0.5, generator)
+    assert 0 < int(negatives.sum()) < 6
+    highres, upscaled = torch.rand(6, 3, 8, 8), torch.rand(6, 3, 8, 8)
+    positive, negative = torch.randn(1, 77, 4), torch.randn(1, 77, 4)
+    target, states = negative_prompting(negatives, highres, upscaled, positive, negative)
+    for i in range(6):
+        assert torch.equal(target[i], upscaled[i] if negatives[i] else highres[i])
+        assert torch.equal(states[i], negative[0] if negatives[i] else positive[0])
+    assert not draw_negatives(1000, 0.0, generator).any() and draw_negatives(1000, 1.0, generator).all()
+    rate = draw_negatives(20000, 0.05, generator).float().mean()
+    assert float(rate) == pytest.approx(0.05, abs=0.006)
+
+
+def test_trainable_set_is_the_papers(trained):
+    model = trained[0].raw_model
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(names) == len(model.trainable_parameters())
+    assert not any(n.startswith("de_net.") for n in names)
+    assert not any(n.startswith("vae.decoder.") for n in names)
+    for name in names:
+        assert ("lora_" in name or name.startswith("unet.conv_in.") or name.startswith(("vae_modulation.", "unet_modulation."))), name
+    assert {"unet.conv_in.weight", "unet_modulation.block_embeddings.weight", "vae_modulation.block_embeddings.weight"} <= set(names)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.endswith("base_layer.weight") for n in frozen)
+
+
+def test_short_run_loss_falls_and_logs(trained):
+    trainer, before, after, checkpoint = trained
+    assert trainer.step == STEPS
+    assert after < before, (before, after)
+    rows = (trainer.output_dir / "train_log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,total,mse,lpips,gan_generator,discriminator,negatives")
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, STEPS + 1))
+    assert checkpoint.name == f"step-{STEPS:07d}"
+
+
+def test_checkpoint_loads_back_and_reproduces_the_trained_model(trained):
+    trainer, _, _, checkpoint = trained
+    files = trainer.files
+    model = trainer.raw_model.eval()
+    generator = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    blur, noise = torch.tensor([0.3]), torch.tensor([0.6])
+    with torch.no_grad():
+        expected = model(image, blur, noise)
+        from_release = load_release(files.sd_turbo_dir, checkpoint / "s3diff.pkl", files.de_net_pth)(image, blur, noise)
+        merged_model, _ = load_merged(checkpoint / "merged")
+        from_merged = merged_model(image, blur, noise)
+        initial = load_release(files.sd_turbo_dir, files.init_s3diff_pkl, files.de_net_pth)(image, blur, noise)
+    assert torch.allclose(from_release, expected, atol=1e-5)
+    assert torch.allclose(from_merged, expected, atol=1e-5)
+    assert (initial - expected).abs().max() > 1e-3  # training really changed the model
+
+
+def test_resume_restores_step_weights_and_optimizer(trained):
+    trainer, _, _, checkpoint = trained
+    resumed = Trainer(tiny_config(trainer.output_dir, resume_from=Path("latest")))
+    assert resumed.step == STEPS
+    saved = trainer.raw_model.state_dict()
+    for name, value in resumed.raw_model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    optimizer_state = resumed.optimizer.state_dict()["state"]
+    assert optimizer_state and all(int(s["step"]) == STEPS for s in optimizer_state.values())
+    assert resumed.run() is None  # already at max_steps
