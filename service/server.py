@@ -78,9 +78,13 @@ def worker_devices(settings: ServiceSettings) -> list[str | None]:
 
 def run_worker(settings: ServiceSettings, sock: socket.socket | None = None) -> None:
     """One worker: build the app (weights load in the background), serve until drained."""
+    import torch
+
     from service.app import create_app
 
     configure_logging(settings.log_level)
+    if settings.cpu_threads is not None:
+        torch.set_num_threads(settings.cpu_threads)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, access_log=False,
                             log_config=None, timeout_graceful_shutdown=settings.drain_timeout_s)
     DrainingServer(config).run(sockets=[sock] if sock is not None else None)
@@ -99,6 +103,10 @@ def _serve_many(settings: ServiceSettings, devices: list[str | None]) -> int:
     """Spawn one process per device on a shared socket, forward signals, reap them."""
     from prometheus_client import multiprocess
 
+    if settings.cpu_threads is None and all(device in (None, "cpu") for device in devices):
+        # CPU workers split the cores: several processes each spinning as many OpenMP threads as
+        # there are cores oversubscribe them and slow every worker down many times over.
+        settings = settings.model_copy(update={"cpu_threads": max(1, (os.cpu_count() or 1) // len(devices))})
     metrics_dir = tempfile.mkdtemp(prefix="s3diff-metrics-")
     # prometheus-client reads this at import time in each (spawned) worker.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

@@ -25,6 +25,7 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline, then 504")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long queued work may finish")
     codec_threads: int = Field(2, ge=1, description="thread pool for image decode/encode")
+    cpu_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker; None = cores / workers")
 
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1)
     max_input_pixels: int = Field(4096 * 4096, ge=1)

@@ -58,7 +58,7 @@ def test_api_keys_are_required_on_v1_routes(server):
 
 
 def test_upscale_multipart_matches_the_pipeline_and_sets_headers(client, tiny_pipeline):
-    pixels = random_rgb(24, 40, seed=1)
+    pixels = random_rgb(12, 16, seed=1)
     response = client.post("/v1/upscale", params={"noise": 0.3, "blur": 0.6},
                            files={"image": ("in.png", encode(pixels), "image/png")},
                            headers={"X-Request-ID": "my-request-42"})
@@ -70,18 +70,18 @@ def test_upscale_multipart_matches_the_pipeline_and_sets_headers(client, tiny_pi
     stages = {part.split(";")[0].strip() for part in response.headers["server-timing"].split(",")}
     assert {"queue", "estimate", "encode", "unet", "decode"} <= stages
     served = decode(response.content)
-    assert served.shape == (96, 160, 3)
+    assert served.shape == (48, 64, 3)
     reference = expected_output(tiny_pipeline, pixels, noise=0.3, blur=0.6)
     assert np.abs(served.astype(int) - reference.astype(int)).max() <= 1
 
 
 def test_upscale_raw_jpeg_body_estimates_scores_and_resizes(client, tiny_pipeline):
-    pixels = random_rgb(32, 32, seed=2)
+    pixels = random_rgb(16, 16, seed=2)
     jpeg = encode(pixels, "JPEG", quality=90)
     response = client.post("/v1/upscale", params={"scale": 2}, content=jpeg, headers={"content-type": "image/jpeg"})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/jpeg"  # JPEG in, JPEG out by default
-    assert decode(response.content).shape == (64, 64, 3)
+    assert decode(response.content).shape == (32, 32, 3)
     decoded_input = torch.from_numpy(decode(jpeg)).permute(2, 0, 1).float().div(255)[None]
     scores = tiny_pipeline.estimate(decoded_input)
     assert float(response.headers["x-s3diff-noise"]) == pytest.approx(float(scores.noise[0]), abs=1e-5)
@@ -136,7 +136,7 @@ def test_unknown_routes_and_methods_get_json_errors(client):
 
 def test_concurrent_requests_are_batched_and_match_solo_results(server, client, tiny_pipeline):
     before = client.get("/metrics").text
-    images = [random_rgb(24, 24, seed=10 + i) for i in range(4)]
+    images = [random_rgb(16, 16, seed=10 + i) for i in range(4)]
     noises = [0.1, 0.4, 0.7, 0.9]  # different modulations share one batch
 
     def send(index: int):
@@ -168,7 +168,7 @@ def test_request_metrics_use_route_templates(client):
 
 
 def test_job_lifecycle(client, tiny_pipeline):
-    pixels = random_rgb(16, 24, seed=5)
+    pixels = random_rgb(12, 16, seed=5)
     created = client.post("/v1/jobs", params={"noise": 0.2, "blur": 0.2}, content=encode(pixels),
                           headers={"content-type": "image/png"})
     assert created.status_code == 202, created.text

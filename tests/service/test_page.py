@@ -31,14 +31,14 @@ def browser_page(server):
 def test_page_upload_slider_and_result(server, browser_page, tmp_path):
     page = browser_page
     image_path = tmp_path / "photo.png"
-    image_path.write_bytes(encode(random_rgb(20, 28, seed=9)))
+    image_path.write_bytes(encode(random_rgb(12, 16, seed=9)))
     page.goto(server.url + "/")
     page.fill("#api-key", API_KEY)
     page.set_input_files("#file", str(image_path))
     page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')")
     first_status = page.text_content("#status")
-    page.wait_for_function("document.getElementById('result').naturalWidth === 112")
-    assert page.evaluate("document.getElementById('result').naturalHeight") == 80
+    page.wait_for_function("document.getElementById('result').naturalWidth === 64")
+    assert page.evaluate("document.getElementById('result').naturalHeight") == 48
     assert page.get_attribute("#download", "hidden") is None
     first_result = page.get_attribute("#result", "src")
 
