@@ -7,6 +7,7 @@ YAML file are resolved against the file's folder.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -213,5 +214,5 @@ def _resolve_paths(values: Any, base: Path, key: str = "") -> Any:
         return [_resolve_paths(v, base, key) for v in values]
     if key in PATH_KEYS and isinstance(values, str) and values != "latest":
         path = Path(values).expanduser()
-        return str(path if path.is_absolute() else base / path)
+        return os.path.normpath(path if path.is_absolute() else base / path)
     return values
