@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     levels = [int(level) for level in args.concurrency.split(",")]
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number; record it
     images = _images(args.requests, args.size)
     with tempfile.TemporaryDirectory(prefix="s3diff-loadtest-") as scratch:
         weights = args.weights or _tiny_weights(Path(scratch))
@@ -169,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "benchmark": "s3diff loadtest",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.is_available()},
+                    "cuda": torch.cuda.is_available(),
+                    "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}},
         "conditions": {"weights": str(args.weights or "tiny random (built for this run)"), "image_size": args.size,
                        "requests_per_level": args.requests, "max_wait_ms": args.max_wait_ms, "workers": 1},
         "results": results,
