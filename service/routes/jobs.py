@@ -15,7 +15,8 @@ from service.auth import require_api_key
 from service.errors import ServiceError, from_model_error
 from service.jobs import Job, JobCancelled
 from service.request_log import note
-from service.routes.upscale import _IMAGE_BODY, _IMAGE_FIELD, UpscaleParams, decode_upload, merged_params, read_upload, run_upscale
+from service.routes.upscale import (IMAGE_BODY, IMAGE_FIELD, UpscaleParams, decode_upload, merged_params, read_upload,
+                                    run_upscale)
 
 logger = logging.getLogger("s3diff.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
@@ -50,9 +51,9 @@ async def _run_job(service, job: Job, task) -> None:
         job.finished_at = time.time()
 
 
-@router.post("", status_code=202, openapi_extra=_IMAGE_BODY, summary="Start an upscale job")
+@router.post("", status_code=202, openapi_extra=IMAGE_BODY, summary="Start an upscale job")
 async def create_job(request: Request, query: Annotated[UpscaleParams, Query()],
-                     image: Annotated[UploadFile | None, _IMAGE_FIELD] = None) -> JSONResponse:
+                     image: Annotated[UploadFile | None, IMAGE_FIELD] = None) -> JSONResponse:
     service = request.app.state.service
     service.require_ready()
     params = await merged_params(request, query)

@@ -19,12 +19,12 @@ from service.stages import (EncodedImage, EstimateTask, Prediction, UpscaleOptio
 router = APIRouter(prefix="/v1", tags=["upscale"], dependencies=[Depends(require_api_key)])
 
 # The multipart form is generated from the `image` parameter; a raw image body is the other way in.
-_IMAGE_BODY = {"requestBody": {"content": {
+IMAGE_BODY = {"requestBody": {"content": {
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
 }}}
-_IMAGE_FIELD = File(description="the image file (PNG, JPEG, WebP, TIFF, BMP)")
-_IMAGE_RESPONSES = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+IMAGE_FIELD = File(description="the image file (PNG, JPEG, WebP, TIFF, BMP)")
+IMAGE_RESPONSES = {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
                           "description": "the upscaled image"}}
 
 
@@ -121,10 +121,10 @@ async def run_upscale(service, task: UpscaleTask, *, timeout_s: float, client_go
     return Upscaled(encoded, prediction, outcome.batch_size, timings)
 
 
-@router.post("/upscale", openapi_extra=_IMAGE_BODY, responses=_IMAGE_RESPONSES, response_class=Response,
+@router.post("/upscale", openapi_extra=IMAGE_BODY, responses=IMAGE_RESPONSES, response_class=Response,
              summary="Upscale an image x4 (or to `scale`) with S3Diff")
 async def upscale_image(request: Request, query: Annotated[UpscaleParams, Query()],
-                        image: Annotated[UploadFile | None, _IMAGE_FIELD] = None) -> Response:
+                        image: Annotated[UploadFile | None, IMAGE_FIELD] = None) -> Response:
     service = request.app.state.service
     service.require_ready()
     params = await merged_params(request, query)
@@ -145,10 +145,10 @@ class DegradationScores(BaseModel):
     blur: float = Field(ge=0, le=1)
 
 
-@router.post("/degradation", openapi_extra=_IMAGE_BODY, response_model=DegradationScores,
+@router.post("/degradation", openapi_extra=IMAGE_BODY, response_model=DegradationScores,
              summary="The degradation estimator's noise and blur scores of an image")
 async def estimate_degradation(request: Request,
-                               image: Annotated[UploadFile | None, _IMAGE_FIELD] = None
+                               image: Annotated[UploadFile | None, IMAGE_FIELD] = None
                                ) -> DegradationScores:
     service = request.app.state.service
     batcher = service.require_ready()
