@@ -72,7 +72,8 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PI
         raise ImageTooLargeError(str(err)) from err
     except (OSError, SyntaxError, ValueError) as err:
         if sniffed:
-            raise CorruptImageError(f"cannot read this {sniffed} file: it is corrupt or truncated") from err
+            raise CorruptImageError(
+                f"cannot read this {sniffed} file: it is corrupt or truncated (or a variant we cannot decode)") from err
         raise UnsupportedImageError("not a PNG, JPEG, WebP, TIFF or BMP image") from err
     if image.format not in INPUT_FORMATS:
         raise UnsupportedImageError(f"unsupported image format {image.format}; accepted: PNG, JPEG, WebP, TIFF, BMP")
@@ -190,7 +191,10 @@ def _decode_16bit(data: bytes, image: Image.Image) -> tuple[np.ndarray, bool, bo
     if pixels is None or pixels.dtype != np.uint16:
         raise ValueError("16-bit pixel data could not be decoded")
     pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    grayscale = image.format == "PNG" and data[25] == 4
+    if image.format == "PNG":
+        grayscale = data[25] == 4
+    else:  # TIFF: two samples per pixel are gray + alpha
+        grayscale = len(image.tag_v2.get(258, ())) == 2
     has_alpha = pixels.shape[2] == 4
     if grayscale:
         return pixels[..., [0, 3]], True, True
