@@ -69,36 +69,43 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with self.accelerator.main_process_first():
             self.files = resolve_base_files(config.model, self.output_dir, config.seed)
-        model = build_trainable_model(self.files, config.model)
+        # Loss networks first: a missing weight file should stop the run before the big model loads.
+        losses = config.losses
+        self.lpips = LPIPS(losses.vgg16_path, losses.lpips_heads_path, losses.random_weights)
         discriminator = DinoDiscriminator(config.discriminator)
+        model = build_trainable_model(self.files, config.model)
         optim = config.optim
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         disc_optimizer = torch.optim.AdamW(
             discriminator.heads.parameters(), lr=config.discriminator.lr, betas=optim.betas, weight_decay=optim.weight_decay,
         )
-        self.step = self._resume(model, discriminator, optimizer, disc_optimizer)
+        resume_state = self._resume(model, discriminator)
+        self.step = int(resume_state["step"]) if resume_state else 0
         loader = build_dataloader(config.data, config.batch_size, config.seed + self.step)
         self.model, self.discriminator, self.optimizer, self.disc_optimizer, self.loader = self.accelerator.prepare(
             model, discriminator, optimizer, disc_optimizer, loader,
         )
-        losses = config.losses
-        self.lpips = LPIPS(losses.vgg16_path, losses.lpips_heads_path, losses.random_weights).to(self.accelerator.device)
+        if resume_state:
+            # After prepare: torch moves optimizer state to where the parameters now live.
+            self.optimizer.load_state_dict(resume_state["optimizer"])
+            self.disc_optimizer.load_state_dict(resume_state["disc_optimizer"])
+        self.lpips.to(self.accelerator.device)
         self.degrade = RealESRGANDegradation(config.degradation)
 
     # --- state ------------------------------------------------------------------------------
-    def _resume(self, model, discriminator, optimizer, disc_optimizer) -> int:
+    def _resume(self, model, discriminator) -> dict | None:
+        """Trained tensors and discriminator heads from `resume_from` ("latest": the newest complete
+        checkpoint under output_dir, or a fresh start if there is none); returns the saved state."""
         folder = self.config.resume_from
         if folder is None:
-            return 0
+            return None
         if folder.name == "latest":
             folder = latest_checkpoint(self.output_dir)
             if folder is None:
-                return 0  # nothing saved yet: start from scratch
+                return None
         state = load_checkpoint(Path(folder), model)
-        optimizer.load_state_dict(state["optimizer"])
-        disc_optimizer.load_state_dict(state["disc_optimizer"])
         discriminator.heads.load_state_dict(state["disc_heads"])
-        return int(state["step"])
+        return state
 
     @property
     def raw_model(self):
