@@ -2,6 +2,7 @@
 package run in-process (an independent path: no HTTP, no batcher, no codec pool)."""
 from __future__ import annotations
 
+import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.service.conftest import API_KEY
 from tests.service.images import decode, encode, metric, png_bytes, random_rgb
@@ -217,3 +219,18 @@ def test_client_that_disconnects_while_queued_is_dropped(server, client):
     time.sleep(0.2)
     record = next(json.loads(line) for line in server.log().splitlines() if "gave-up-1" in line)
     assert record["status"] == 499 and "batch_size" not in record  # never reached the model
+
+
+def test_alpha_and_16_bit_gray_survive_the_round_trip(client):
+    rgba = np.dstack([random_rgb(12, 16, seed=6), np.full((12, 16), 128, np.uint8)])
+    response = client.post("/v1/upscale", params={"noise": 0.5, "blur": 0.5}, content=encode(rgba))
+    assert response.status_code == 200, response.text
+    served = decode(response.content)
+    assert served.shape == (48, 64, 4) and (served[..., 3] == 128).all()  # constant alpha re-attached exactly
+
+    gray16 = (np.random.default_rng(7).integers(0, 65536, (12, 16))).astype(np.uint16)
+    response = client.post("/v1/upscale", params={"noise": 0.5, "blur": 0.5}, content=encode(gray16))
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    assert image.mode in ("I;16", "I") and image.size == (64, 48)  # still one 16-bit gray channel
+    assert np.asarray(image).max() > 255
