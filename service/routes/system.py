@@ -1,6 +1,7 @@
 """Probes, model facts, metrics and the page: the routes that are not inference."""
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 
 from fastapi import APIRouter, Depends, Request
@@ -43,10 +44,7 @@ async def model_info(request: Request) -> dict:
         "scale": pipeline.scale,
         "guidance_scale": pipeline.config.guidance_scale,
         "color_fix": pipeline.config.color_fix,
-        "tiling": {"latent_tile": pipeline.config.tiling.latent_tile,
-                   "latent_overlap": pipeline.config.tiling.latent_overlap,
-                   "vae_encoder_tile": pipeline.config.tiling.vae_encoder_tile,
-                   "vae_decoder_tile": pipeline.config.tiling.vae_decoder_tile},
+        "tiling": dataclasses.asdict(pipeline.config.tiling),
         "limits": {"max_body_bytes": settings.max_body_bytes, "max_input_pixels": settings.max_input_pixels,
                    "max_output_pixels": settings.max_output_pixels, "max_batch": settings.max_batch,
                    "max_wait_ms": settings.max_wait_ms, "max_queue": settings.max_queue,

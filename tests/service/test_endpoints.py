@@ -20,7 +20,12 @@ from tests.service.images import decode, encode, metric, png_bytes, random_rgb
 def expected_output(pipeline, pixels: np.ndarray, **overrides) -> np.ndarray:
     """The model's x4 output for uint8 pixels, rounded to uint8 as the PNG encoder does."""
     rgb = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)[None]
-    result = pipeline.enhance(rgb, **overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see conftest.start_server: one thread avoids oversubscribing shared cores
+    try:
+        result = pipeline.enhance(rgb, **overrides)
+    finally:
+        torch.set_num_threads(threads)
     return np.rint(result.images[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
