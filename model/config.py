@@ -44,12 +44,11 @@ SCHEDULER_CONFIG = {
 
 @dataclass
 class TilingConfig:
-    """Latent tiling of the UNet and tiled VAE (MODEL.md inference step 9)."""
+    """Tiling defaults (MODEL.md inference step 9): one latent tile side drives all three stages
+    (the VAE works on the same tiles, x8 in pixels); the overlap is a third of the tile."""
 
     latent_tile: int = 96
     latent_overlap: int = 32
-    vae_encoder_tile: int = 1024
-    vae_decoder_tile: int = 224
 
 
 @dataclass
@@ -79,7 +78,8 @@ class MergedConfig:
     def from_dict(cls, data: dict[str, Any]) -> "MergedConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["tiling"] = TilingConfig(**values.get("tiling", {}))
+        tiling_fields = {f.name for f in dataclasses.fields(TilingConfig)}
+        values["tiling"] = TilingConfig(**{k: v for k, v in values.get("tiling", {}).items() if k in tiling_fields})
         return cls(**values)
 
 

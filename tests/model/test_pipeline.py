@@ -142,7 +142,8 @@ def test_non_finite_output_raises(lowres):
         pipe.enhance(lowres[:1])
 
 
-def test_bf16_on_cpu_is_close_to_fp32(lowres):
+def test_bf16_on_cpu_is_close_to_fp32(lowres, monkeypatch):
+    monkeypatch.setattr("model.pipeline.cpu_has_fast_bf16", lambda: True)  # numerics, not speed
     fp32 = S3DiffPipeline(build_model("tiny", seed=5), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "fp32")
     bf16 = S3DiffPipeline(build_model("tiny", seed=5), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "bf16")
     assert bf16.model.unet.dtype == torch.bfloat16 and bf16.model.unet_modulation.fuse_mlp.weight.dtype == torch.float32
@@ -153,7 +154,11 @@ def test_bf16_on_cpu_is_close_to_fp32(lowres):
 
 def test_runtime_choices(monkeypatch):
     assert resolve_runtime("cpu", None) == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr("model.pipeline.cpu_has_fast_bf16", lambda: True)
     assert resolve_runtime("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr("model.pipeline.cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(InvalidInputError, match="no native bf16"):
+        resolve_runtime("cpu", "bf16")
     with pytest.raises(InvalidInputError, match="fp16 is for CUDA"):
         resolve_runtime("cpu", "fp16")
     with pytest.raises(InvalidInputError, match="dtype must be one of"):
