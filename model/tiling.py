@@ -19,11 +19,11 @@ from typing import Callable, TypeVar
 
 import torch
 
+from model.config import LATENT_FACTOR  # the VAE's spatial factor; tile starts stay on multiples of it
 from model.errors import S3DiffError
 
 DEFAULT_TILE = 96  # latent pixels (768 image pixels), as the reference
 MIN_TILE = 32
-LATENT_FACTOR = 8  # the VAE's spatial factor; tile starts stay on multiples of it
 GAUSSIAN_VARIANCE = 0.01
 # Peak CUDA bytes per latent pixel of a tile (the VAE decoder dominates: 512 channels at the
 # latent size, then 128-256 channels at 8x8 times that area). An estimate from the SD 2.x VAE's
