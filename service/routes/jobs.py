@@ -15,8 +15,7 @@ from service.auth import require_api_key
 from service.errors import ServiceError, from_model_error
 from service.jobs import Job, JobCancelled
 from service.request_log import note
-from service.routes.upscale import (IMAGE_BODY, IMAGE_FIELD, UpscaleParams, decode_upload, merged_params, read_upload,
-                                    run_upscale)
+from service.routes.upscale import IMAGE_BODY, IMAGE_FIELD, UpscaleParams, accept_upscale, run_upscale
 
 logger = logging.getLogger("s3diff.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
@@ -55,9 +54,7 @@ async def _run_job(service, job: Job, task) -> None:
 async def create_job(request: Request, query: Annotated[UpscaleParams, Query()],
                      image: Annotated[UploadFile | None, IMAGE_FIELD] = None) -> JSONResponse:
     service = request.app.state.service
-    service.require_ready()
-    params = await merged_params(request, query)
-    task = await decode_upload(request, await read_upload(request, image), params)
+    task = await accept_upscale(request, query, image)
     job = service.jobs.create()
     job.task = asyncio.get_running_loop().create_task(_run_job(service, job, task))
     note(request, job_id=job.id)

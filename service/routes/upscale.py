@@ -71,6 +71,13 @@ async def merged_params(request: Request, query: UpscaleParams) -> UpscaleParams
         raise ServiceError(422, "invalid_parameter", problems) from error
 
 
+async def accept_upscale(request: Request, query: UpscaleParams, image: UploadFile | None) -> UpscaleTask:
+    """What every upscale route does first: refuse when not ready, merge params, read, decode."""
+    request.app.state.service.require_ready()
+    params = await merged_params(request, query)
+    return await decode_upload(request, await read_upload(request, image), params)
+
+
 async def decode_upload(request: Request, data: bytes, params: UpscaleParams | None) -> UpscaleTask | EstimateTask:
     """Decode in the codec pool: an upscale task, or an estimator task when `params` is None."""
     service = request.app.state.service
@@ -126,9 +133,7 @@ async def run_upscale(service, task: UpscaleTask, *, timeout_s: float, client_go
 async def upscale_image(request: Request, query: Annotated[UpscaleParams, Query()],
                         image: Annotated[UploadFile | None, IMAGE_FIELD] = None) -> Response:
     service = request.app.state.service
-    service.require_ready()
-    params = await merged_params(request, query)
-    task = await decode_upload(request, await read_upload(request, image), params)
+    task = await accept_upscale(request, query, image)
     done = await run_upscale(service, task, timeout_s=service.settings.request_timeout_s,
                              client_gone=request.is_disconnected)
     noise, blur = done.prediction.noise, done.prediction.blur
