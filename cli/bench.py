@@ -45,7 +45,7 @@ def _text_encoder(preset: str, device, dtype):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from model.config import sd_turbo_text_config, tiny_text_config
+    from s3diff_serve.model.config import sd_turbo_text_config, tiny_text_config
 
     config = sd_turbo_text_config() if preset == "sd-turbo" else tiny_text_config(49408)
     torch.manual_seed(0)
@@ -55,10 +55,10 @@ def _text_encoder(preset: str, device, dtype):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from model import MergedConfig, S3DiffPipeline
-    from model.pipeline import pad_to_multiple
-    from model.presets import build_model
-    from model.tiling import DEFAULT_TILE
+    from s3diff_serve.model import MergedConfig, S3DiffPipeline
+    from s3diff_serve.model.pipeline import pad_to_multiple
+    from s3diff_serve.model.presets import build_model
+    from s3diff_serve.model.tiling import DEFAULT_TILE
 
     pipe = S3DiffPipeline(build_model(args.preset, seed=0), MergedConfig(unet={}, vae={}, scheduler={}), args.device, args.dtype)
     model, device = pipe.model, pipe.device

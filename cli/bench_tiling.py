@@ -65,8 +65,8 @@ def measure_one(args: argparse.Namespace) -> dict:
     """One output size in this process: build the model, warm up, reset the peak, upscale once."""
     import torch
 
-    from model import MergedConfig, S3DiffPipeline
-    from model.presets import build_model
+    from s3diff_serve.model import MergedConfig, S3DiffPipeline
+    from s3diff_serve.model.presets import build_model
 
     pipe = S3DiffPipeline(build_model(args.preset, seed=0), MergedConfig(unet={}, vae={}, scheduler={}),
                           args.device, args.dtype)
@@ -114,8 +114,8 @@ def estimator_drift(preset: str) -> dict:
     import torch.nn.functional as F
     from skimage import data, filters, measure, restoration
 
-    from model.presets import build_model
-    from model.tiling import estimator_view
+    from s3diff_serve.model.presets import build_model
+    from s3diff_serve.model.tiling import estimator_view
 
     estimator = build_model(preset, seed=0).de_net.eval()
     rng = np.random.default_rng(0)
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
               "processor": platform.processor(), "cpu_threads": torch.get_num_threads(), "runs": []}
     plan = [(side, False) for side in args.sizes] + [(side, True) for side in args.sizes if side <= args.untiled_up_to]
     for side, untiled in plan:
-        command = [sys.executable, "-m", "cli.main", "bench-tiling", "--one", str(side), "--preset", args.preset,
+        command = [sys.executable, "-m", "s3diff_serve.cli.main", "bench-tiling", "--one", str(side), "--preset", args.preset,
                    "--dtype", args.dtype, "--device", args.device, "--out", str(args.out)]
         command += ["--untiled"] if untiled else []
         command += ["--warmup"] if args.warmup else []

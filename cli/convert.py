@@ -19,12 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.checkpoints import load_release, save_merged
-    from model.errors import S3DiffError
+    from s3diff_serve.model.checkpoints import load_release, save_merged
+    from s3diff_serve.model.errors import S3DiffError
 
     try:
         if args.download:
-            from model.hub import fetch_file, fetch_sd_turbo
+            from s3diff_serve.model.hub import fetch_file, fetch_sd_turbo
 
             sd_turbo = fetch_sd_turbo(args.sd_turbo)
             s3diff = fetch_file(args.s3diff, "s3diff.pkl", args.out / ".download")

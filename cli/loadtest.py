@@ -41,8 +41,8 @@ def _free_port() -> int:
 
 
 def _tiny_weights(folder: Path) -> Path:
-    from model.checkpoints import save_merged
-    from model.presets import build_model
+    from s3diff_serve.model.checkpoints import save_merged
+    from s3diff_serve.model.presets import build_model
 
     merged = folder / "merged"
     save_merged(build_model("tiny", seed=0), merged, dtype="fp32")
@@ -72,7 +72,7 @@ class _Server:
                "S3DIFF_MAX_WAIT_MS": str(max_wait_ms), "S3DIFF_MAX_QUEUE": "64", "S3DIFF_API_KEYS": ""}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--weights", str(weights), "--port", str(self.port),
+            [sys.executable, "-m", "s3diff_serve.cli.main", "serve", "--weights", str(weights), "--port", str(self.port),
              "--host", "127.0.0.1", "--workers", "1"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 180) -> None:

@@ -7,13 +7,13 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = [
-    "cli.convert",
-    "cli.upscale",
-    "cli.bench_tiling",
-    "cli.bench",
-    "cli.serve",
-    "cli.loadtest",
-    "cli.train",
+    "s3diff_serve.cli.convert",
+    "s3diff_serve.cli.upscale",
+    "s3diff_serve.cli.bench_tiling",
+    "s3diff_serve.cli.bench",
+    "s3diff_serve.cli.serve",
+    "s3diff_serve.cli.loadtest",
+    "s3diff_serve.cli.train",
 ]
 
 

@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from service.server import serve
-    from service.settings import ServiceSettings
+    from s3diff_serve.service.server import serve
+    from s3diff_serve.service.settings import ServiceSettings
 
     overrides = {name: value for name, value in vars(args).items()
                  if name not in ("command", "handler") and value is not None}

@@ -15,16 +15,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from model.errors import S3DiffError
-    from training.config import TrainConfig
-    from training.data import UnreadableImageError
-    from training.lpips import MissingWeightsError
+    from s3diff_serve.model.errors import S3DiffError
+    from s3diff_serve.training.config import TrainConfig
+    from s3diff_serve.training.data import UnreadableImageError
+    from s3diff_serve.training.lpips import MissingWeightsError
 
     try:
         config = TrainConfig.from_yaml(args.config)
         if args.max_steps is not None:
             config = config.model_copy(update={"max_steps": args.max_steps})
-        from training.trainer import Trainer
+        from s3diff_serve.training.trainer import Trainer
 
         last = Trainer(config).run()
     except ValidationError as exc:

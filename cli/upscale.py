@@ -105,8 +105,8 @@ def output_plan(inputs: list[Path], output: Path, requested_format: str | None) 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from model import S3DiffPipeline
-    from model.errors import S3DiffError
+    from s3diff_serve.model import S3DiffPipeline
+    from s3diff_serve.model.errors import S3DiffError
 
     if (args.width or args.height) and (args.scale or args.longest_side):
         print("error: give only one of --scale, --width/--height, --longest-side", file=sys.stderr)
@@ -140,8 +140,8 @@ def upscale_file(pipe, source: Path, stem_path: Path | None, forced_format: str 
     """Decode, upscale x4, resample to the requested size, encode like the source; returns the path written."""
     from tqdm import tqdm
 
-    from model.image_io import decode_image, encode_like, output_format_for
-    from model.output_size import resample, resolve_output_size
+    from s3diff_serve.model.image_io import decode_image, encode_like, output_format_for
+    from s3diff_serve.model.output_size import resample, resolve_output_size
 
     decoded = decode_image(source)
     size = resolve_output_size(decoded.size, scale=args.scale, width=args.width, height=args.height,

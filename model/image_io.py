@@ -18,8 +18,8 @@ import png
 import torch
 from PIL import Image, ImageCms
 
-from model.errors import InvalidInputError
-from model.output_size import resample
+from s3diff_serve.model.errors import InvalidInputError
+from s3diff_serve.model.output_size import resample
 
 # Formats we accept, as Pillow names them (MPO: the multi-picture JPEG many phones write).
 INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp"}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.errors import InvalidInputError
+from s3diff_serve.model.errors import InvalidInputError
 
 MODEL_SCALE = 4
 MIN_SCALE = 1.0

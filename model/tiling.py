@@ -19,8 +19,8 @@ from typing import Callable, TypeVar
 
 import torch
 
-from model.config import LATENT_FACTOR  # the VAE's spatial factor; tile starts stay on multiples of it
-from model.errors import S3DiffError
+from s3diff_serve.model.config import LATENT_FACTOR  # the VAE's spatial factor; tile starts stay on multiples of it
+from s3diff_serve.model.errors import S3DiffError
 
 DEFAULT_TILE = 96  # latent pixels (768 image pixels), as the reference
 MIN_TILE = 32

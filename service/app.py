@@ -12,16 +12,16 @@ from typing import Any, Callable
 import torch
 from fastapi import FastAPI
 
-from model import S3DiffPipeline
-from service import metrics
-from service.batcher import Batcher
-from service.body_limit import BodyLimitMiddleware
-from service.errors import ServiceError, install_error_handlers
-from service.jobs import JobStore
-from service.request_log import RequestLogMiddleware
-from service.routes import jobs, system, upscale
-from service.settings import ServiceSettings
-from service.stages import Predictor
+from s3diff_serve.model import S3DiffPipeline
+from s3diff_serve.service import metrics
+from s3diff_serve.service.batcher import Batcher
+from s3diff_serve.service.body_limit import BodyLimitMiddleware
+from s3diff_serve.service.errors import ServiceError, install_error_handlers
+from s3diff_serve.service.jobs import JobStore
+from s3diff_serve.service.request_log import RequestLogMiddleware
+from s3diff_serve.service.routes import jobs, system, upscale
+from s3diff_serve.service.settings import ServiceSettings
+from s3diff_serve.service.stages import Predictor
 
 logger = logging.getLogger("s3diff.service")
 PipelineLoader = Callable[[ServiceSettings, str | None], S3DiffPipeline]

@@ -7,7 +7,7 @@ import hmac
 
 from fastapi import Request
 
-from service.errors import ServiceError
+from s3diff_serve.service.errors import ServiceError
 
 
 def presented_key(request: Request) -> str | None:

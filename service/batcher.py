@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Hashable, Sequence
 
-from service import metrics
-from service.errors import ServiceError
+from s3diff_serve.service import metrics
+from s3diff_serve.service.errors import ServiceError
 
 Predict = Callable[[Sequence[Any]], Sequence[Any]]
 

@@ -10,7 +10,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from s3diff_serve.service.errors import error_body
 
 
 class BodyLimitMiddleware:

@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import InvalidInputError, NonFiniteOutputError, S3DiffError
-from model.image_io import CorruptImageError, ImageTooLargeError, UnsupportedImageError
+from s3diff_serve.model.errors import InvalidInputError, NonFiniteOutputError, S3DiffError
+from s3diff_serve.model.image_io import CorruptImageError, ImageTooLargeError, UnsupportedImageError
 
 logger = logging.getLogger("s3diff.service")
 

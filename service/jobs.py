@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from service.errors import ServiceError
+from s3diff_serve.service.errors import ServiceError
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from s3diff_serve.service import metrics
 
 logger = logging.getLogger("s3diff.requests")
 _FIELDS_KEY = "s3diff.log"

@@ -22,7 +22,7 @@ import tempfile
 
 import uvicorn
 
-from service.settings import ServiceSettings
+from s3diff_serve.service.settings import ServiceSettings
 
 logger = logging.getLogger("s3diff.service")
 
@@ -80,7 +80,7 @@ def run_worker(settings: ServiceSettings, sock: socket.socket | None = None) -> 
     """One worker: build the app (weights load in the background), serve until drained."""
     import torch
 
-    from service.app import create_app
+    from s3diff_serve.service.app import create_app
 
     configure_logging(settings.log_level)
     if settings.cpu_threads is not None:

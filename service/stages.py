@@ -12,10 +12,10 @@ from typing import Callable, Hashable, Literal, Sequence
 
 import torch
 
-from model import NonFiniteOutputError, S3DiffPipeline
-from model.image_io import DecodedImage, decode_image, encode_like, output_format_for
-from model.output_size import resample, resolve_output_size
-from service.errors import ServiceError
+from s3diff_serve.model import NonFiniteOutputError, S3DiffPipeline
+from s3diff_serve.model.image_io import DecodedImage, decode_image, encode_like, output_format_for
+from s3diff_serve.model.output_size import resample, resolve_output_size
+from s3diff_serve.service.errors import ServiceError
 
 ColorFix = Literal["wavelet", "adain", "none"]
 OutputFormat = Literal["png", "jpeg", "webp"]

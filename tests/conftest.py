@@ -13,8 +13,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from model.checkpoints import save_merged  # noqa: E402
-from model.presets import write_release  # noqa: E402
+from s3diff_serve.model.checkpoints import save_merged  # noqa: E402
+from s3diff_serve.model.presets import write_release  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +35,6 @@ def tiny_merged_dir(tiny_release, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_merged_dir):
-    from model import S3DiffPipeline
+    from s3diff_serve.model import S3DiffPipeline
 
     return S3DiffPipeline.from_merged(tiny_merged_dir, device="cpu", dtype="fp32")

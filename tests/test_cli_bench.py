@@ -1,7 +1,7 @@
 """`s3diff bench` on the tiny preset: the JSON it writes is self-consistent."""
 import json
 
-from cli.main import main as cli_main
+from s3diff_serve.cli.main import main as cli_main
 
 
 def test_bench_writes_consistent_json(tmp_path):

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from cli.main import main
-from model import S3DiffPipeline
-from model.image_io import decode_image
+from s3diff_serve.cli.main import main
+from s3diff_serve.model import S3DiffPipeline
+from s3diff_serve.model.image_io import decode_image
 
 
 _LOADED: dict = {}

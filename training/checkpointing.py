@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from model.checkpoints import load_release_into, save_merged, save_release
-from model.s3diff import S3DiffModel
+from s3diff_serve.model.checkpoints import load_release_into, save_merged, save_release
+from s3diff_serve.model.s3diff import S3DiffModel
 
 from .model_setup import BaseFiles
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from model.checkpoints import encode_prompts, load_de_net_into, load_release, read_scheduler_config
-from model.config import NEGATIVE_PROMPT, POSITIVE_PROMPT
-from model.errors import CheckpointError
-from model.s3diff import S3DiffModel
+from s3diff_serve.model.checkpoints import encode_prompts, load_de_net_into, load_release, read_scheduler_config
+from s3diff_serve.model.config import NEGATIVE_PROMPT, POSITIVE_PROMPT
+from s3diff_serve.model.errors import CheckpointError
+from s3diff_serve.model.s3diff import S3DiffModel
 
 from .config import ModelSource
 
@@ -32,7 +32,7 @@ def resolve_base_files(source: ModelSource, output_dir: Path, seed: int) -> Base
     `<output_dir>/base` (so checkpoints of a smoke run load through the real loaders too)."""
     if source.preset is None:
         return BaseFiles(source.sd_turbo_dir, source.de_net_pth, source.init_s3diff_pkl)
-    from model.presets import write_release
+    from s3diff_serve.model.presets import write_release
 
     base = output_dir / "base"
     if not (base / "s3diff.pkl").is_file():

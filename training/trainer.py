@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 
-from model.degradation_estimator import BLUR_INDEX, NOISE_INDEX
+from s3diff_serve.model.degradation_estimator import BLUR_INDEX, NOISE_INDEX
 
 from .checkpointing import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig

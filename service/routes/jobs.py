@@ -11,11 +11,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
-from service.auth import require_api_key
-from service.errors import ServiceError, from_model_error
-from service.jobs import Job, JobCancelled
-from service.request_log import note
-from service.routes.upscale import IMAGE_BODY, IMAGE_FIELD, UpscaleParams, accept_upscale, run_upscale
+from s3diff_serve.service.auth import require_api_key
+from s3diff_serve.service.errors import ServiceError, from_model_error
+from s3diff_serve.service.jobs import Job, JobCancelled
+from s3diff_serve.service.request_log import note
+from s3diff_serve.service.routes.upscale import IMAGE_BODY, IMAGE_FIELD, UpscaleParams, accept_upscale, run_upscale
 
 logger = logging.getLogger("s3diff.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])

@@ -7,9 +7,9 @@ from importlib import resources
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from service import metrics
-from service.auth import require_api_key
-from service.errors import error_response
+from s3diff_serve.service import metrics
+from s3diff_serve.service.auth import require_api_key
+from s3diff_serve.service.errors import error_response
 
 router = APIRouter()
 
@@ -61,4 +61,4 @@ async def prometheus_metrics(request: Request) -> Response:
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
-    return HTMLResponse(resources.files("service").joinpath("static/index.html").read_text(encoding="utf-8"))
+    return HTMLResponse(resources.files("s3diff_serve.service").joinpath("static/index.html").read_text(encoding="utf-8"))

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service import metrics
-from service.auth import require_api_key
-from service.errors import MODEL_ERRORS, ServiceError, from_model_error
-from service.request_log import note
-from service.stages import (EncodedImage, EstimateTask, Prediction, UpscaleOptions, UpscaleTask, batch_key, decode,
+from s3diff_serve.service import metrics
+from s3diff_serve.service.auth import require_api_key
+from s3diff_serve.service.errors import MODEL_ERRORS, ServiceError, from_model_error
+from s3diff_serve.service.request_log import note
+from s3diff_serve.service.stages import (EncodedImage, EstimateTask, Prediction, UpscaleOptions, UpscaleTask, batch_key, decode,
                             decode_for_estimate, encode)
 
 router = APIRouter(prefix="/v1", tags=["upscale"], dependencies=[Depends(require_api_key)])

@@ -43,27 +43,27 @@ def run_tool(args: list[str], cwd: Path = REPO_ROOT) -> subprocess.CompletedProc
 
 def settings_env_names() -> set[str]:
     """The S3DIFF_* variables the service reads: one per field of its settings class."""
-    from service.settings import ServiceSettings
+    from s3diff_serve.service.settings import ServiceSettings
 
     prefix = ServiceSettings.model_config["env_prefix"]
     return {prefix + field.upper() for field in ServiceSettings.model_fields}
 
 
 def drain_timeout_s() -> float:
-    from service.settings import ServiceSettings
+    from s3diff_serve.service.settings import ServiceSettings
 
     return ServiceSettings.model_fields["drain_timeout_s"].default
 
 
 def default_max_batch() -> int:
-    from service.settings import ServiceSettings
+    from s3diff_serve.service.settings import ServiceSettings
 
     return ServiceSettings.model_fields["max_batch"].default
 
 
 def parse_cli(argv: list[str]):
     """argv as the real `s3diff` parser reads it: flags that drift from the CLI fail here."""
-    from cli.main import build_parser
+    from s3diff_serve.cli.main import build_parser
 
     return build_parser().parse_args(argv)
 

@@ -21,7 +21,7 @@ GROUPING = re.compile(r"\bby \(([^)]*)\)")
 def service_series() -> dict[str, set[str]]:
     """Scraped series name -> its label names, read from the service's own metric objects."""
     try:
-        from service import metrics
+        from s3diff_serve.service import metrics
     except ImportError as error:
         pytest.fail(f"the service's metrics module (service/metrics.py) does not import: {error}")
     from prometheus_client import REGISTRY

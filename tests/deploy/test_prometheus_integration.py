@@ -132,7 +132,7 @@ def burst(tiny_merged_dir, tmp_path_factory):
     work_dir = tmp_path_factory.mktemp("prometheus-integration")
     service_port, prometheus_port = free_port(), free_port()
     service_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    serve = [sys.executable, "-m", "cli.main", "serve", "--weights", str(tiny_merged_dir), "--host", "127.0.0.1",
+    serve = [sys.executable, "-m", "s3diff_serve.cli.main", "serve", "--weights", str(tiny_merged_dir), "--host", "127.0.0.1",
              "--port", str(service_port), "--workers", "1", "--device", "cpu"]
     config_file = work_dir / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(scrape_config_for(f"127.0.0.1:{service_port}")))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli.main import main as cli_main
-from model import CheckpointError, S3DiffPipeline
-from model.checkpoints import MERGED_FILES, load_merged, load_release, release_checkpoint, weights_hash
+from s3diff_serve.cli.main import main as cli_main
+from s3diff_serve.model import CheckpointError, S3DiffPipeline
+from s3diff_serve.model.checkpoints import MERGED_FILES, load_merged, load_release, release_checkpoint, weights_hash
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_weights_id_is_a_content_hash(tiny_merged_dir, tmp_path):
 
 
 def test_merged_dtype_and_corrupt_merged_folder(tiny_release, tmp_path):
-    from model.checkpoints import save_merged
+    from s3diff_serve.model.checkpoints import save_merged
 
     _, model = tiny_release
     config = save_merged(model, tmp_path / "bf16", dtype="bf16")

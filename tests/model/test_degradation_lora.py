@@ -8,10 +8,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
-from model.config import UNET_ADAPTER, sd_turbo_unet_config, sd_turbo_vae_config
-from model.degradation_lora import fourier_features, unet_block_id, vae_block_id
-from model.presets import build_model
-from model.s3diff import S3DiffModel
+from s3diff_serve.model.config import UNET_ADAPTER, sd_turbo_unet_config, sd_turbo_vae_config
+from s3diff_serve.model.degradation_lora import fourier_features, unet_block_id, vae_block_id
+from s3diff_serve.model.presets import build_model
+from s3diff_serve.model.s3diff import S3DiffModel
 
 
 @pytest.fixture(scope="module")

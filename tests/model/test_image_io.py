@@ -11,11 +11,11 @@ import torch
 from PIL import Image, ImageCms, ImageOps
 from skimage import data as photos
 
-from model.image_io import (
+from s3diff_serve.model.image_io import (
     CorruptImageError, ImageTooLargeError, UnsupportedImageError, decode_image, encode_image, encode_like,
     output_format_for, upscale_alpha,
 )
-from model.output_size import resample
+from s3diff_serve.model.output_size import resample
 
 SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 

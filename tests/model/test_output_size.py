@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model.errors import InvalidInputError
-from model.output_size import resample, resolve_output_size
+from s3diff_serve.model.errors import InvalidInputError
+from s3diff_serve.model.output_size import resample, resolve_output_size
 
 
 @pytest.mark.parametrize("request_kwargs, expected", [

@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from model import InvalidInputError, NonFiniteOutputError, S3DiffPipeline
-from model.config import MergedConfig
-from model.pipeline import pad_to_multiple, resolve_runtime
-from model.presets import build_model
+from s3diff_serve.model import InvalidInputError, NonFiniteOutputError, S3DiffPipeline
+from s3diff_serve.model.config import MergedConfig
+from s3diff_serve.model.pipeline import pad_to_multiple, resolve_runtime
+from s3diff_serve.model.presets import build_model
 
 from .reference_path import reference_upscale
 
@@ -143,7 +143,7 @@ def test_non_finite_output_raises(lowres):
 
 
 def test_bf16_on_cpu_is_close_to_fp32(lowres, monkeypatch):
-    monkeypatch.setattr("model.pipeline.cpu_has_fast_bf16", lambda: True)  # numerics, not speed
+    monkeypatch.setattr("s3diff_serve.model.pipeline.cpu_has_fast_bf16", lambda: True)  # numerics, not speed
     fp32 = S3DiffPipeline(build_model("tiny", seed=5), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "fp32")
     bf16 = S3DiffPipeline(build_model("tiny", seed=5), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "bf16")
     assert bf16.model.unet.dtype == torch.bfloat16 and bf16.model.unet_modulation.fuse_mlp.weight.dtype == torch.float32
@@ -154,9 +154,9 @@ def test_bf16_on_cpu_is_close_to_fp32(lowres, monkeypatch):
 
 def test_runtime_choices(monkeypatch):
     assert resolve_runtime("cpu", None) == (torch.device("cpu"), torch.float32)
-    monkeypatch.setattr("model.pipeline.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("s3diff_serve.model.pipeline.cpu_has_fast_bf16", lambda: True)
     assert resolve_runtime("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
-    monkeypatch.setattr("model.pipeline.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("s3diff_serve.model.pipeline.cpu_has_fast_bf16", lambda: False)
     with pytest.raises(InvalidInputError, match="no native bf16"):
         resolve_runtime("cpu", "bf16")
     with pytest.raises(InvalidInputError, match="fp16 is for CUDA"):

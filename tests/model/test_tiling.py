@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from skimage import data as photos
 from torch import nn
 
-from model import S3DiffPipeline
-from model.color_fix import color_fix
-from model.config import MergedConfig
-from model.pipeline import pad_to_multiple
-from model.presets import build_model
-from model.tiling import (
+from s3diff_serve.model import S3DiffPipeline
+from s3diff_serve.model.color_fix import color_fix
+from s3diff_serve.model.config import MergedConfig
+from s3diff_serve.model.pipeline import pad_to_multiple
+from s3diff_serve.model.presets import build_model
+from s3diff_serve.model.tiling import (
     MIN_TILE, TilingOutOfMemoryError, choose_tile_size, estimator_view, gaussian_weights, overlap_for,
     run_with_oom_retry, tile_starts, tiled_apply, tiled_vae_decode, tiled_vae_encode,
 )

@@ -17,7 +17,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
 # Runs cli/serve.py's own parser and handler, without the other subcommands' modules.
-_LAUNCHER = ("import argparse, sys; from cli import serve; parser = argparse.ArgumentParser(); "
+_LAUNCHER = ("import argparse, sys; from s3diff_serve.cli import serve; parser = argparse.ArgumentParser(); "
              "serve.register(parser.add_subparsers()); args = parser.parse_args(sys.argv[1:]); "
              "sys.exit(args.handler(args))")
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from service.batcher import Batcher
-from service.errors import ServiceError
+from s3diff_serve.service.batcher import Batcher
+from s3diff_serve.service.errors import ServiceError
 
 
 class FakeModel:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import EnhanceResult, InvalidInputError, NonFiniteOutputError
-from model.image_io import CorruptImageError, ImageTooLargeError, UnsupportedImageError, decode_image
-from service.errors import from_model_error
-from service.stages import Predictor, UpscaleOptions, UpscaleTask, batch_key
+from s3diff_serve.model import EnhanceResult, InvalidInputError, NonFiniteOutputError
+from s3diff_serve.model.image_io import CorruptImageError, ImageTooLargeError, UnsupportedImageError, decode_image
+from s3diff_serve.service.errors import from_model_error
+from s3diff_serve.service.stages import Predictor, UpscaleOptions, UpscaleTask, batch_key
 from tests.service.images import png_bytes
 
 

@@ -5,9 +5,9 @@ import threading
 
 from fastapi.testclient import TestClient
 
-from model import CheckpointError
-from service.app import create_app
-from service.settings import ServiceSettings
+from s3diff_serve.model import CheckpointError
+from s3diff_serve.service.app import create_app
+from s3diff_serve.service.settings import ServiceSettings
 from tests.service.images import png_bytes
 
 

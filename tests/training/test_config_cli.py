@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import yaml
 
-from cli.main import main
-from training.config import TrainConfig
+from s3diff_serve.cli.main import main
+from s3diff_serve.training.config import TrainConfig
 
 from .conftest import TINY_CONFIG
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.config import DataConfig
-from training.data import CropDataset, UnreadableImageError, build_dataloader, list_images, mixed_weights
+from s3diff_serve.training.config import DataConfig
+from s3diff_serve.training.data import CropDataset, UnreadableImageError, build_dataloader, list_images, mixed_weights
 
 
 def test_crops_are_exact_pixels_of_the_image(photo_dirs):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.special import j1
 
-from training.config import BlurStage, DegradationConfig
-from training.degradations import RealESRGANDegradation, blur, gaussian_noise, jpeg, poisson_noise, resize
-from training.kernels import SINC, circular_lowpass, final_sinc_kernels, gaussian_family, random_blur_kernels
+from s3diff_serve.training.config import BlurStage, DegradationConfig
+from s3diff_serve.training.degradations import RealESRGANDegradation, blur, gaussian_noise, jpeg, poisson_noise, resize
+from s3diff_serve.training.kernels import SINC, circular_lowpass, final_sinc_kernels, gaussian_family, random_blur_kernels
 
 
 def test_output_ranges_shapes_and_quantisation(hr_batch):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from training.config import DiscriminatorConfig
-from training.discriminator import DinoDiscriminator
-from training.lpips import LPIPS, MissingWeightsError, TAP_CHANNELS, vgg16_features
+from s3diff_serve.training.config import DiscriminatorConfig
+from s3diff_serve.training.discriminator import DinoDiscriminator
+from s3diff_serve.training.lpips import LPIPS, MissingWeightsError, TAP_CHANNELS, vgg16_features
 
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8}
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoints import load_merged, load_release
-from training.config import TrainConfig
-from training.trainer import Trainer, draw_negatives, negative_prompting
+from s3diff_serve.model.checkpoints import load_merged, load_release
+from s3diff_serve.training.config import TrainConfig
+from s3diff_serve.training.trainer import Trainer, draw_negatives, negative_prompting
 
 from .conftest import TINY_CONFIG
 
