@@ -14,6 +14,9 @@ SUBCOMMAND_MODULES = [
     "s3diff_serve.cli.serve",
     "s3diff_serve.cli.loadtest",
     "s3diff_serve.cli.train",
+    "s3diff_serve.cli.weights",
+    "s3diff_serve.cli.data",
+    "s3diff_serve.cli.evaluate",
 ]
 
 

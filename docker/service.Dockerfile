@@ -30,6 +30,7 @@ COPY model ./model
 COPY service ./service
 COPY training ./training
 COPY cli ./cli
+COPY evaluation ./evaluation
 RUN pip install -c requirements/lock.txt .
 
 FROM ${CUDA_BASE_IMAGE}

@@ -1,0 +1,199 @@
+"""`s3diff evaluate`: every method on the same LR crops of the photo corpus, measured against the HR.
+
+The crop, the LR and therefore the numbers depend only on the photos, `crop`, `degradation` and
+`seed`, so two runs (or two machines) compare like with like. Results go to `metrics.json`, the
+images to `images/`, and a side-by-side view to `contact_sheet.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from s3diff_serve.evaluation.cache import MissingWeightsError
+
+SCALE = 4
+METHODS = ("s3diff", "bicubic", "realesrgan")
+DEGRADATIONS = ("clean", "realistic")
+LABELS = {"bicubic": "bicubic", "realesrgan": "Real-ESRGAN", "s3diff": "S3Diff (ours)"}
+
+Method = Callable[[np.ndarray], np.ndarray]  # uint8 HxWx3 LR -> uint8 4Hx4Wx3
+
+
+def centre_crop(image: np.ndarray, crop: int) -> np.ndarray:
+    """The centre `crop`x`crop` square, or the largest multiple-of-4 centre square of a smaller photo."""
+    height, width = image.shape[:2]
+    side = min(crop, min(height, width) // SCALE * SCALE)
+    if side < SCALE:
+        raise ValueError(f"image {width}x{height} is too small to crop")
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top:top + side, left:left + side]
+
+
+def make_lowres(highres: np.ndarray, degradation: str, seed: int, index: int) -> np.ndarray:
+    """uint8 LR (1/4 size) of a uint8 HR crop. `realistic` draws its degradation from a generator
+    seeded by (seed, index), so each photo gets the same LR in every run."""
+    height, width = highres.shape[:2]
+    if degradation == "clean":
+        return np.asarray(Image.fromarray(highres).resize((width // SCALE, height // SCALE), Image.BICUBIC))
+    if degradation == "realistic":
+        from s3diff_serve.training.config import DegradationConfig
+        from s3diff_serve.training.degradations import RealESRGANDegradation
+
+        batch = _to_tensor(highres)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        lowres = RealESRGANDegradation(DegradationConfig())(batch, generator).lowres
+        return _to_uint8(lowres[0])
+    raise ValueError(f"degradation must be one of {DEGRADATIONS}, got {degradation!r}")
+
+
+def _to_tensor(hwc: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float (1,3,H,W) in [0,1]; copied, as decoded arrays are read-only."""
+    return torch.from_numpy(np.array(hwc)).permute(2, 0, 1)[None].float().div(255)
+
+
+def _to_uint8(chw: torch.Tensor) -> np.ndarray:
+    return chw.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def load_methods(methods, weights: Path | None, device: str) -> tuple[dict[str, Method], dict]:
+    """Every method ready to run, loaded before any photo so missing weights fail at once.
+    Also returns what identifies the S3Diff weights (for the record)."""
+    runners: dict[str, Method] = {}
+    weights_info = None
+    for name in methods:
+        if name == "bicubic":
+            runners[name] = lambda lr: np.asarray(
+                Image.fromarray(lr).resize((lr.shape[1] * SCALE, lr.shape[0] * SCALE), Image.BICUBIC))
+        elif name == "realesrgan":
+            from s3diff_serve.evaluation.realesrgan import load_realesrgan, upscale_realesrgan
+
+            model = load_realesrgan(device=device)
+            runners[name] = lambda lr, model=model: upscale_realesrgan(model, lr)
+        elif name == "s3diff":
+            from s3diff_serve.model import S3DiffPipeline
+
+            if weights is not None and not Path(weights).is_dir():
+                raise MissingWeightsError(f"S3Diff weights {weights} not found: pass a merged weights folder "
+                                          "(`s3diff convert` writes one), or none for the built-in demo model")
+            pipe = S3DiffPipeline.from_merged(weights, device=device)
+            runners[name] = lambda lr, pipe=pipe: _to_uint8(pipe.enhance(_to_tensor(lr)).images[0])
+            weights_info = {"source": pipe.source, "id": pipe.weights_id}
+        else:
+            raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    return runners, weights_info
+
+
+def machine() -> dict:
+    """What the timings were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def evaluate(data_dir: Path, out_dir: Path, methods=("s3diff", "bicubic", "realesrgan"), weights: Path | None = None,
+             degradation: str = "clean", crop: int = 512, limit: int | None = None, split: str = "validation",
+             seed: int = 0, progress: bool = True, device: str | None = None) -> dict:
+    """Run and measure every method on the split's photos (sorted by id); writes and returns the record."""
+    from tqdm import tqdm
+
+    from s3diff_serve.evaluation.contact_sheet import Tile, contact_sheet
+    from s3diff_serve.evaluation.metrics import MetricSuite
+    from s3diff_serve.evaluation.photos import load_manifest
+
+    methods = tuple(methods)
+    if crop < SCALE or crop % SCALE:
+        raise ValueError(f"crop must be a positive multiple of {SCALE}, got {crop}")
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"degradation must be one of {DEGRADATIONS}, got {degradation!r}")
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct and not empty, got {methods}")
+    photos = sorted((p for p in load_manifest(data_dir) if p.split == split), key=lambda p: p.id)[:limit]
+    if not photos:
+        raise ValueError(f"no photos of split {split!r} in {data_dir}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runners, weights_info = load_methods(methods, weights, device)
+    suite = MetricSuite(device=device)
+    for run in runners.values():  # first calls pay for lazy initialisation; keep that out of the timings
+        run(np.full((16, 16, 3), 128, np.uint8))
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records, rows = [], []
+    for index, photo in enumerate(tqdm(photos, unit="image", disable=not progress, file=sys.stderr)):
+        with Image.open(photo.path) as image:
+            highres = centre_crop(np.asarray(ImageOps.exif_transpose(image).convert("RGB")), crop)
+        lowres = make_lowres(highres, degradation, seed, index)
+        _save(out_dir, photo.id, "hr", highres)
+        _save(out_dir, photo.id, "lr", lowres)
+        row = [Tile(f"{photo.id}: LR", lowres)]
+        for name, run in runners.items():
+            start = time.perf_counter()
+            output = run(lowres)
+            seconds = time.perf_counter() - start
+            _save(out_dir, photo.id, name, output)
+            scores = suite(output, highres, border=SCALE)
+            records.append({"id": photo.id, "method": name, **scores, "seconds": seconds})
+            row.append(Tile(LABELS[name], output, scores))
+        rows.append(row + [Tile("HR", highres)])
+
+    result = {
+        "conditions": {"degradation": degradation, "crop": crop, "split": split, "seed": seed, "limit": limit,
+                       "methods": list(methods), "photos": len(photos), "scale": SCALE, "border": SCALE,
+                       "weights": weights_info, "device": device, "machine": machine(),
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "images": records,
+        "mean": mean_by_method(records),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    contact_sheet(rows, out_dir / "contact_sheet.png")
+    return result
+
+
+def _save(out_dir: Path, photo_id: str, kind: str, pixels: np.ndarray) -> None:
+    Image.fromarray(pixels).save(out_dir / "images" / f"{photo_id}_{kind}.png")
+
+
+def mean_by_method(records: list[dict]) -> dict[str, dict[str, float]]:
+    """{method: {metric: mean over images}} for every numeric field of the per-image records."""
+    means: dict[str, dict[str, float]] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        mine = [r for r in records if r["method"] == method]
+        keys = [k for k, v in mine[0].items() if isinstance(v, (int, float))]
+        means[method] = {k: float(np.mean([r[k] for r in mine])) for k in keys}
+    return means
+
+
+def format_table(mean: dict[str, dict[str, float]]) -> str:
+    """The mean table, one method a line, as plain aligned text."""
+    metrics = list(next(iter(mean.values())))
+    width = max(len(m) for m in [*mean, "method"])
+    lines = ["method".ljust(width) + "".join(f"{k:>12}" for k in metrics)]
+    for method, values in mean.items():
+        cells = "".join(f"{_fmt(values[k]):>12}" for k in metrics)
+        lines.append(method.ljust(width) + cells)
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
