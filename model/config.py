@@ -164,7 +164,34 @@ def tiny_text_config(vocab_size: int) -> dict[str, Any]:
     }
 
 
+DEMO_LATENT_CHANNELS = 16  # factor-8 latent of a x4-upscaled input: 16 channels hold the LR's detail
+
+
+def demo_unet_config() -> dict[str, Any]:
+    """The built-in demo model's UNet: SD 2.1's block classes and count, small channels, trained
+    from scratch on a CPU (training/configs/demo.yaml)."""
+    cfg = sd_turbo_unet_config()
+    cfg.update(
+        sample_size=16,
+        in_channels=DEMO_LATENT_CHANNELS,
+        out_channels=DEMO_LATENT_CHANNELS,
+        block_out_channels=[32, 64, 64, 64],
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=[1, 2, 2, 2],
+    )
+    return cfg
+
+
+def demo_vae_config() -> dict[str, Any]:
+    cfg = sd_turbo_vae_config()
+    cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=1, latent_channels=DEMO_LATENT_CHANNELS,
+               norm_num_groups=16, sample_size=128)
+    return cfg
+
+
 PRESETS = {
     "tiny": (tiny_unet_config, tiny_vae_config),
+    "demo": (demo_unet_config, demo_vae_config),
     "sd-turbo": (sd_turbo_unet_config, sd_turbo_vae_config),
 }

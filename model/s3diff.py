@@ -157,4 +157,6 @@ class S3DiffModel(nn.Module):
         states = self.positive_embeds.expand(image.shape[0], -1, -1) if encoder_hidden_states is None else encoder_hidden_states
         timestep = torch.tensor(TIMESTEP, device=latent.device)
         eps = self.unet(latent.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype)).sample
-        return self.decode(self.clean_sample(latent, eps))
+        # Unclamped: a clamp would stop the gradient of every out-of-range pixel (inference clamps).
+        latent = self.clean_sample(latent, eps) / self.scaling_factor
+        return self.vae.decode(latent.to(self.vae.dtype)).sample.float()

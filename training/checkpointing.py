@@ -4,7 +4,8 @@
 - `merged/`: the serving format (`save_merged`), what `s3diff serve` / `s3diff upscale` load;
 - `training_state.pt`: step, optimizer states and discriminator heads, for `resume_from`.
 Only the trained tensors are stored for resuming (the frozen base is rebuilt from its files), so a
-checkpoint stays small.
+checkpoint stays small. A model trained from scratch has no base files and no released form: its
+checkpoint is `merged/` plus the whole state dict in `training_state.pt`.
 """
 from __future__ import annotations
 
@@ -33,14 +34,17 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    folder: Path, model: S3DiffModel, files: BaseFiles, training_state: dict[str, Any], merged_dtype: str,
+    folder: Path, model: S3DiffModel, files: BaseFiles | None, training_state: dict[str, Any], merged_dtype: str,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_release(model, folder / "s3diff.pkl")
     save_merged(model, folder / "merged", dtype=merged_dtype)
-    (folder / "base.json").write_text(json.dumps(
-        {"sd_turbo_dir": str(files.sd_turbo_dir), "de_net_pth": str(files.de_net_pth)}, indent=2,
-    ))
+    if files is None:
+        training_state = {**training_state, "model": model.state_dict()}
+    else:
+        save_release(model, folder / "s3diff.pkl")
+        (folder / "base.json").write_text(json.dumps(
+            {"sd_turbo_dir": str(files.sd_turbo_dir), "de_net_pth": str(files.de_net_pth)}, indent=2,
+        ))
     # Write the resume state last: its presence marks the checkpoint complete (latest_checkpoint).
     torch.save(training_state, folder / "training_state.pt")
 
@@ -51,7 +55,11 @@ def load_checkpoint(folder: Path, model: S3DiffModel) -> dict[str, Any]:
     state_path = folder / "training_state.pt"
     if not state_path.is_file():
         raise FileNotFoundError(f"{folder}: not a complete training checkpoint ({state_path.name} missing)")
-    release = torch.load(folder / "s3diff.pkl", map_location="cpu", weights_only=True)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
     with torch.no_grad():
-        load_release_into(model, release, str(folder / "s3diff.pkl"))
-    return torch.load(state_path, map_location="cpu", weights_only=True)
+        if "model" in state:
+            model.load_state_dict(state.pop("model"))
+        else:
+            release = torch.load(folder / "s3diff.pkl", map_location="cpu", weights_only=True)
+            load_release_into(model, release, str(folder / "s3diff.pkl"))
+    return state

@@ -75,22 +75,30 @@ class DegradationConfig(Section):
     jpeg2: Range = (60.0, 100.0)
     final_sinc_probability: float = Field(0.8, ge=0, le=1)
     final_sinc_kernel_size_max: int = 21
+    # Share of samples that get only the bicubic x1/scale downscale (scores 0, 0): the clean case
+    # the model must handle too. The paper trains on the full pipeline only (0).
+    clean_probability: float = Field(0.0, ge=0, le=1)
 
 
 class ModelSource(Section):
     """Either real SD-Turbo weights (+ de_net.pth, optionally an s3diff.pkl to start from) or a
     seeded random `preset` written to `<output_dir>/base` (tiny: CPU smoke runs and tests)."""
 
-    preset: Literal["tiny", "sd-turbo"] | None = None
+    preset: Literal["tiny", "demo", "sd-turbo"] | None = None
     sd_turbo_dir: Path | None = None
     de_net_pth: Path | None = None
     init_s3diff_pkl: Path | None = None
     rank_unet: int = 32
     rank_vae: int = 16
     gradient_checkpointing: bool = False
+    # From scratch (the built-in demo model): every weight trains, the estimator included, starting
+    # from the preset's seeded random weights; no released files are read or written.
+    train_all: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":
+        if self.train_all and self.preset is None:
+            raise ValueError("model: train_all builds the model from scratch and needs a `preset` (its layer sizes)")
         if self.preset is None and (self.sd_turbo_dir is None or self.de_net_pth is None):
             raise ValueError(
                 "model: give `sd_turbo_dir` (Hugging Face stabilityai/sd-turbo) and `de_net_pth` "
@@ -106,6 +114,8 @@ class DataConfig(Section):
     crop_size: int = 512
     flip: bool = True
     num_workers: int = 4
+    resident: bool = False  # keep decoded photos in memory (small corpora, small crops)
+    prescale: float = Field(1.0, gt=0, le=1)  # Lanczos-shrink photos first: more structure per crop
 
     @model_validator(mode="after")
     def _faces(self) -> "DataConfig":
@@ -118,21 +128,17 @@ class DataConfig(Section):
 
 class LossConfig(Section):
     mse_weight: float = 2.0
+    l1_weight: float = 0.0
     lpips_weight: float = 5.0
     gan_weight: float = 0.5
-    # torchvision's VGG16 file (vgg16-397923af.pth) and LPIPS' linear heads (lpips/weights/v0.1/vgg.pth).
-    vgg16_path: Path | None = None
-    lpips_heads_path: Path | None = None
-    random_weights: bool = False  # tests/smoke runs only: random VGG16 and uniform heads
-
-    @model_validator(mode="after")
-    def _weights(self) -> "LossConfig":
-        if not self.random_weights and self.lpips_weight > 0 and (self.vgg16_path is None or self.lpips_heads_path is None):
-            raise ValueError(
-                "losses: LPIPS needs `vgg16_path` (torchvision VGG16: https://download.pytorch.org/models/vgg16-397923af.pth) "
-                "and `lpips_heads_path` (vgg.pth from github.com/richzhang/PerceptualSimilarity, lpips/weights/v0.1/)"
-            )
-        return self
+    # Supervise the estimator with the scores of the degradation actually applied (train_all only).
+    estimator_weight: float = 0.0
+    # Compare through the inference path's colour fix (the output's low frequencies come from the
+    # input there, so training them is wasted capacity); the paper compares raw outputs ("none").
+    color_fix: Literal["none", "wavelet"] = "none"
+    # LPIPS-VGG16 with the real ImageNet backbone and v0.1 heads, from the metric weights cache
+    # (`s3diff weights fetch-metrics`). random_weights: tests/smoke runs only.
+    random_weights: bool = False
 
 
 class DiscriminatorConfig(Section):
@@ -161,6 +167,10 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
+    # From scratch, the UNet's eps is amplified ~15x by the t=999 step: it waits (lr 0) until the
+    # VAE has learned to reconstruct, then trains at lr * unet_lr_scale.
+    unet_start_step: int = 0
+    unet_lr_scale: float = Field(1.0, gt=0)
 
 
 class TrainConfig(BaseSettings):
@@ -172,7 +182,7 @@ class TrainConfig(BaseSettings):
     data: DataConfig
     degradation: DegradationConfig = DegradationConfig()
     losses: LossConfig
-    discriminator: DiscriminatorConfig
+    discriminator: DiscriminatorConfig | None = None  # needed when losses.gan_weight > 0
     optim: OptimConfig = OptimConfig()
     negative_prompt_probability: float = Field(0.05, ge=0, le=1)
     batch_size: int = 4
@@ -183,6 +193,17 @@ class TrainConfig(BaseSettings):
     merged_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     log_every: int = 10
     resume_from: Path | None = None  # a checkpoint folder, or "latest" under output_dir
+    # What conditions the modulation while training: the estimator's scores (the paper) or the
+    # scores of the degradation actually applied, which gives the noise/blur knobs their meaning.
+    scores_from: Literal["estimator", "applied"] = "estimator"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.losses.gan_weight > 0 and self.discriminator is None:
+            raise ValueError("discriminator: required when losses.gan_weight > 0 (set gan_weight: 0 to train without)")
+        if self.losses.estimator_weight > 0 and not self.model.train_all:
+            raise ValueError("losses.estimator_weight needs model.train_all (the released estimator stays frozen)")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -204,7 +225,7 @@ class TrainConfig(BaseSettings):
 
 
 PATH_KEYS = {"output_dir", "sd_turbo_dir", "de_net_pth", "init_s3diff_pkl", "hr_dirs", "face_dirs",
-             "vgg16_path", "lpips_heads_path", "dino_path", "resume_from"}
+             "dino_path", "resume_from"}
 
 
 def _resolve_paths(values: Any, base: Path, key: str = "") -> Any:

@@ -41,27 +41,41 @@ def read_rgb(path: Path) -> Image.Image:
         raise UnreadableImageError(f"{path}: cannot read this training image ({type(exc).__name__}: {exc})") from None
 
 
-@dataclass
 class CropDataset(Dataset):
     """Random `crop_size` crops (optionally flipped) as float (3,H,W) tensors in [0,1].
 
     Images smaller than the crop are first enlarged (bicubic) so the short side fits, rather than
-    padded: padding would teach the model mirrored borders.
+    padded: padding would teach the model mirrored borders. With `resident`, each photo is decoded
+    once (after an optional Lanczos `prescale`) and kept in memory: decoding a multi-megapixel
+    JPEG for every small crop would cost more than a small model's training step.
     """
 
-    paths: list[Path]
-    crop_size: int
-    flip: bool = True
+    def __init__(self, paths: list[Path], crop_size: int, flip: bool = True, resident: bool = False,
+                 prescale: float = 1.0):
+        self.paths, self.crop_size, self.flip = paths, crop_size, flip
+        self.resident, self.prescale = resident, prescale
+        self._decoded: dict[int, Image.Image] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def _image(self, index: int) -> Image.Image:
+        if index in self._decoded:
+            return self._decoded[index]
         image = read_rgb(self.paths[index])
+        if self.prescale != 1.0:
+            size = (max(1, round(image.width * self.prescale)), max(1, round(image.height * self.prescale)))
+            image = image.resize(size, Image.LANCZOS)
         short = min(image.size)
         if short < self.crop_size:
             ratio = self.crop_size / short
             image = image.resize((max(self.crop_size, round(image.width * ratio)), max(self.crop_size, round(image.height * ratio))), Image.BICUBIC)
+        if self.resident:
+            self._decoded[index] = image
+        return image
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self._image(index)
         # torch's RNG: DataLoader seeds it per worker from the loader's generator.
         left = int(torch.randint(image.width - self.crop_size + 1, (1,)))
         top = int(torch.randint(image.height - self.crop_size + 1, (1,)))
@@ -85,7 +99,7 @@ def mixed_weights(general: int, faces: int, face_share: float) -> torch.Tensor:
 def build_dataloader(config: DataConfig, batch_size: int, seed: int) -> DataLoader:
     general = list_images(config.hr_dirs)
     faces = list_images(config.face_dirs) if config.face_dirs and config.face_share > 0 else []
-    dataset = CropDataset(general + faces, config.crop_size, config.flip)
+    dataset = CropDataset(general + faces, config.crop_size, config.flip, config.resident, config.prescale)
     generator = torch.Generator().manual_seed(seed)
     sampler = WeightedRandomSampler(
         mixed_weights(len(general), len(faces), config.face_share),

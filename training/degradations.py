@@ -21,6 +21,16 @@ from .config import DegradationConfig, NoiseStage, ResizeStage
 from .kernels import final_sinc_kernels, random_blur_kernels, uniform
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
+# What the applied-degradation scores mean (the targets of the estimator and the noise/blur knobs
+# of a model trained with `scores_from: applied`), each clamped to [0, 1]:
+# - blur: the RMS width of the two random blur kernels (each kernel's spatial standard deviation,
+#   in pixels of the image it blurred), divided by BLUR_STD_FULL: 1 = the widest first-stage
+#   Gaussian combined with the widest second-stage one;
+# - noise: the RMS of the standard deviations of the noise fields actually added in the two noise
+#   stages (measured, so Gaussian and Poisson noise count alike), divided by NOISE_STD_FULL.
+# Samples that are only bicubic-downscaled (`clean_probability`) score 0 and 0.
+BLUR_STD_FULL = (3.0**2 + 1.5**2) ** 0.5
+NOISE_STD_FULL = 20 / 255
 
 
 @dataclass
@@ -28,6 +38,17 @@ class DegradedBatch:
     lowres: torch.Tensor  # (B,3,H/scale,W/scale) in [0,1], quantised to 8 bits
     highres: torch.Tensor  # (B,3,H,W) the target
     lowres_upscaled: torch.Tensor  # lowres resized to (H,W) with bicubic, clamped to [0,1]
+    blur_score: torch.Tensor  # (B,) in [0,1], see BLUR_STD_FULL
+    noise_score: torch.Tensor  # (B,) in [0,1], see NOISE_STD_FULL
+
+
+def kernel_std(kernels: torch.Tensor) -> torch.Tensor:
+    """(B,K,K) normalised kernels -> (B,) spatial standard deviation per axis, in pixels."""
+    size = kernels.shape[-1]
+    offsets = torch.arange(size, dtype=kernels.dtype) - size // 2
+    radius2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
+    weights = kernels / kernels.sum(dim=(1, 2), keepdim=True)
+    return ((weights * radius2).sum(dim=(1, 2)).clamp(min=0) / 2).sqrt()
 
 
 def blur(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -115,7 +136,8 @@ class RealESRGANDegradation:
         out = blur(highres.float(), kernels1)
         factor = random_resize_factor(cfg.resize1, generator)
         out = resize(out, (max(1, int(height * factor)), max(1, int(width * factor))), random_mode(generator))
-        out = random_noise(out, cfg.noise1, generator)
+        noisy = random_noise(out, cfg.noise1, generator)
+        noise1_std, out = (noisy - out).flatten(1).std(dim=1), noisy
         out = jpeg(out, uniform(*cfg.jpeg1, batch, generator))
 
         # Second stage: blur only the samples drawn for it.
@@ -124,7 +146,8 @@ class RealESRGANDegradation:
         target = (height // cfg.scale, width // cfg.scale)
         size = (max(1, int(target[0] * factor)), max(1, int(target[1] * factor)))
         out = resize(out, size, random_mode(generator))
-        out = random_noise(out, cfg.noise2, generator)
+        noisy = random_noise(out, cfg.noise2, generator)
+        noise2_std, out = (noisy - out).flatten(1).std(dim=1), noisy
         quality2 = uniform(*cfg.jpeg2, batch, generator)
         if torch.rand(1, generator=generator).item() < 0.5:
             out = blur(resize(out, target, random_mode(generator)), final_kernels)
@@ -133,6 +156,16 @@ class RealESRGANDegradation:
             out = jpeg(out, quality2)
             out = blur(resize(out, target, random_mode(generator)), final_kernels)
 
+        blur_std = (kernel_std(kernels1) ** 2 + torch.where(apply_blur2, kernel_std(kernels2), 0) ** 2).sqrt()
+        blur_score = (blur_std / BLUR_STD_FULL).clamp(0, 1).to(highres.device)
+        noise_score = ((noise1_std**2 + noise2_std**2).sqrt().cpu() / NOISE_STD_FULL).clamp(0, 1).to(highres.device)
+        if cfg.clean_probability > 0:
+            clean = (torch.rand(batch, generator=generator) < cfg.clean_probability).to(highres.device)
+            bicubic = F.interpolate(highres.float(), size=target, mode="bicubic", align_corners=False, antialias=True)
+            out = torch.where(clean[:, None, None, None], bicubic, out)
+            blur_score, noise_score = blur_score.masked_fill(clean, 0), noise_score.masked_fill(clean, 0)
+
         lowres = (out.clamp(0, 1) * 255).round() / 255
         upscaled = F.interpolate(lowres, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
-        return DegradedBatch(lowres=lowres, highres=highres, lowres_upscaled=upscaled)
+        return DegradedBatch(lowres=lowres, highres=highres, lowres_upscaled=upscaled,
+                             blur_score=blur_score.float(), noise_score=noise_score.float())

@@ -20,7 +20,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from transformers import ViTConfig, ViTModel
 
 from .config import DiscriminatorConfig
-from .lpips import MissingWeightsError
+from s3diff_serve.evaluation.cache import MissingWeightsError
 
 DINO_MEAN = (0.48145466, 0.4578275, 0.40821073)  # as vision-aided-gan normalises DINO inputs
 DINO_STD = (0.229, 0.224, 0.225)

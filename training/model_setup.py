@@ -1,6 +1,7 @@
 """Build the S3Diff model to train, through the model package's own loaders, and mark exactly the
-paper's trainable set (MODEL.md, "Training"): UNet LoRA + conv_in, VAE-encoder LoRA, the six MLPs
-and the two block-embedding tables; the estimator and the base weights stay frozen.
+paper's trainable set: UNet LoRA + conv_in, VAE-encoder LoRA, the six MLPs and the two
+block-embedding tables; the estimator and the base weights stay frozen. With `train_all` (the
+built-in demo model) the preset's architecture is built from scratch and every weight trains.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from s3diff_serve.model.checkpoints import encode_prompts, load_de_net_into, load_release, read_scheduler_config
-from s3diff_serve.model.config import NEGATIVE_PROMPT, POSITIVE_PROMPT
+from s3diff_serve.model.config import NEGATIVE_PROMPT, POSITIVE_PROMPT, PRESETS, SCHEDULER_CONFIG
 from s3diff_serve.model.errors import CheckpointError
 from s3diff_serve.model.s3diff import S3DiffModel
 
@@ -27,9 +28,12 @@ class BaseFiles:
     init_s3diff_pkl: Path | None
 
 
-def resolve_base_files(source: ModelSource, output_dir: Path, seed: int) -> BaseFiles:
+def resolve_base_files(source: ModelSource, output_dir: Path, seed: int) -> BaseFiles | None:
     """Real files as configured, or, for a `preset`, seeded random ones written once to
-    `<output_dir>/base` (so checkpoints of a smoke run load through the real loaders too)."""
+    `<output_dir>/base` (so checkpoints of a smoke run load through the real loaders too); None
+    when training from scratch (nothing is read)."""
+    if source.train_all:
+        return None
     if source.preset is None:
         return BaseFiles(source.sd_turbo_dir, source.de_net_pth, source.init_s3diff_pkl)
     from s3diff_serve.model.presets import write_release
@@ -59,7 +63,29 @@ def fresh_model(files: BaseFiles, source: ModelSource) -> S3DiffModel:
     return model
 
 
-def build_trainable_model(files: BaseFiles, source: ModelSource) -> S3DiffModel:
+def scratch_model(source: ModelSource, seed: int) -> S3DiffModel:
+    """The preset's architecture with fresh weights. The UNet's output conv starts at zero, so the
+    one-step path starts as a plain autoencoder (eps = 0: x0 is the encoder's latent, rescaled,
+    which the decoder's normalisation absorbs) and the UNet learns the correction. The prompt
+    embeddings are fixed seeded noise: with no text encoder they are just two learned-to-be-told-
+    apart conditions, positive and negative."""
+    unet_config, vae_config = PRESETS[source.preset]
+    torch.manual_seed(seed)
+    model = S3DiffModel(UNet2DConditionModel(**unet_config()), AutoencoderKL(**vae_config()), dict(SCHEDULER_CONFIG),
+                        rank_unet=source.rank_unet, rank_vae=source.rank_vae)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        model.unet.conv_out.weight.zero_()
+        model.unet.conv_out.bias.zero_()
+        model.positive_embeds.copy_(torch.randn(model.positive_embeds.shape, generator=generator))
+        model.negative_embeds.copy_(torch.randn(model.negative_embeds.shape, generator=generator))
+    return model
+
+
+def build_trainable_model(files: BaseFiles | None, source: ModelSource, seed: int = 0) -> S3DiffModel:
+    if files is None:
+        # peft's add_adapter froze the base weights; from scratch, they train too.
+        return scratch_model(source, seed).requires_grad_(True).train()
     if files.init_s3diff_pkl is not None:
         model = load_release(files.sd_turbo_dir, files.init_s3diff_pkl, files.de_net_pth)
     else:
@@ -72,10 +98,15 @@ def build_trainable_model(files: BaseFiles, source: ModelSource) -> S3DiffModel:
     return model.train()
 
 
-def set_train_mode(model: S3DiffModel) -> None:
-    """Train mode for the networks being adapted; the frozen estimator stays in eval."""
+def optimized_parameters(model: S3DiffModel, source: ModelSource) -> list[torch.nn.Parameter]:
+    return list(model.parameters()) if source.train_all else model.trainable_parameters()
+
+
+def set_train_mode(model: S3DiffModel, source: ModelSource) -> None:
+    """Train mode for the networks being trained; a frozen estimator stays in eval."""
     model.train()
-    model.de_net.eval()
+    if not source.train_all:
+        model.de_net.eval()
 
 
 def trainable_names(model: S3DiffModel) -> list[str]:

@@ -1,7 +1,7 @@
-"""The training loop (MODEL.md, "Training"): Real-ESRGAN degradation on the device, online
-negative prompting, 2·MSE + 5·LPIPS + 0.5·GAN for the generator, the multilevel-sigmoid loss for the
-discriminator heads, AdamW, gradient clipping — on Hugging Face accelerate (multi-GPU, mixed
-precision, gradient accumulation).
+"""The training loop: Real-ESRGAN degradation on the device, online negative prompting,
+2·MSE + 5·LPIPS + 0.5·GAN for the generator (the paper's weights; L1 and an estimator term are
+there for training from scratch), the multilevel-sigmoid loss for the discriminator heads, AdamW,
+gradient clipping — on Hugging Face accelerate (multi-GPU, mixed precision, gradient accumulation).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 
+from s3diff_serve.evaluation.metrics import LPIPS
+from s3diff_serve.model.color_fix import color_fix
 from s3diff_serve.model.degradation_estimator import BLUR_INDEX, NOISE_INDEX
 
 from .checkpointing import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -23,15 +25,16 @@ from .config import TrainConfig
 from .data import build_dataloader
 from .degradations import RealESRGANDegradation
 from .discriminator import DinoDiscriminator
-from .lpips import LPIPS
-from .model_setup import build_trainable_model, resolve_base_files, set_train_mode
+from .model_setup import build_trainable_model, optimized_parameters, resolve_base_files, set_train_mode
 
 
 @dataclass
 class StepLosses:
     total: float
     mse: float
+    l1: float
     lpips: float
+    estimator: float
     gan_generator: float
     discriminator: float
     negatives: int
@@ -65,30 +68,36 @@ class Trainer:
         accumulation = GradientAccumulationPlugin(num_steps=config.grad_accum_steps, sync_with_dataloader=False)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_plugin=accumulation)
         set_seed(config.seed)
+        # Loss networks first: a missing weight file should stop the run before anything is written
+        # or the big model loads.
+        self.lpips = LPIPS("vgg", pretrained=not config.losses.random_weights)
+        discriminator = DinoDiscriminator(config.discriminator) if config.discriminator else None
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with self.accelerator.main_process_first():
             self.files = resolve_base_files(config.model, self.output_dir, config.seed)
-        # Loss networks first: a missing weight file should stop the run before the big model loads.
-        losses = config.losses
-        self.lpips = LPIPS(losses.vgg16_path, losses.lpips_heads_path, losses.random_weights)
-        discriminator = DinoDiscriminator(config.discriminator)
-        model = build_trainable_model(self.files, config.model)
+        model = build_trainable_model(self.files, config.model, config.seed)
         optim = config.optim
-        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-        disc_optimizer = torch.optim.AdamW(
-            discriminator.heads.parameters(), lr=config.discriminator.lr, betas=optim.betas, weight_decay=optim.weight_decay,
-        )
+        self.parameters = optimized_parameters(model, config.model)
+        unet_ids = {id(p) for p in model.unet.parameters()}
+        groups = [{"params": [p for p in self.parameters if id(p) not in unet_ids], "lr": optim.lr},
+                  {"params": [p for p in self.parameters if id(p) in unet_ids], "lr": optim.lr * optim.unet_lr_scale}]
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         resume_state = self._resume(model, discriminator)
         self.step = int(resume_state["step"]) if resume_state else 0
         loader = build_dataloader(config.data, config.batch_size, config.seed + self.step)
-        self.model, self.discriminator, self.optimizer, self.disc_optimizer, self.loader = self.accelerator.prepare(
-            model, discriminator, optimizer, disc_optimizer, loader,
-        )
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        self.discriminator = self.disc_optimizer = None
+        if discriminator is not None:
+            disc_optimizer = torch.optim.AdamW(
+                discriminator.heads.parameters(), lr=config.discriminator.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+            )
+            self.discriminator, self.disc_optimizer = self.accelerator.prepare(discriminator, disc_optimizer)
         if resume_state:
             # After prepare: torch moves optimizer state to where the parameters now live.
             self.optimizer.load_state_dict(resume_state["optimizer"])
-            self.disc_optimizer.load_state_dict(resume_state["disc_optimizer"])
+            if self.disc_optimizer is not None:
+                self.disc_optimizer.load_state_dict(resume_state["disc_optimizer"])
         self.lpips.to(self.accelerator.device)
         self.degrade = RealESRGANDegradation(config.degradation)
 
@@ -104,7 +113,8 @@ class Trainer:
             if folder is None:
                 return None
         state = load_checkpoint(Path(folder), model)
-        discriminator.heads.load_state_dict(state["disc_heads"])
+        if discriminator is not None:
+            discriminator.heads.load_state_dict(state["disc_heads"])
         return state
 
     @property
@@ -119,12 +129,10 @@ class Trainer:
         folder = checkpoint_dir(self.output_dir, self.step)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "disc_optimizer": self.disc_optimizer.state_dict(),
-                "disc_heads": self.raw_discriminator.heads.state_dict(),
-            }
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict()}
+            if self.discriminator is not None:
+                state["disc_optimizer"] = self.disc_optimizer.state_dict()
+                state["disc_heads"] = self.raw_discriminator.heads.state_dict()
             save_checkpoint(folder, self.raw_model, self.files, state, self.config.merged_dtype)
         self.accelerator.wait_for_everyone()
         return folder
@@ -136,23 +144,38 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
     def generator_prediction(self, highres: torch.Tensor, generator: torch.Generator):
-        """Degrade, draw negatives, run the model: (prediction, target, negatives), in [-1,1]."""
+        """Degrade, draw negatives, run the model: (prediction, target, negatives, estimator loss);
+        images in [-1,1], the prediction colour-fixed against the input as configured."""
         batch = self.degrade(highres, generator)
         negatives = draw_negatives(highres.shape[0], self.config.negative_prompt_probability, generator).to(highres.device)
         raw = self.raw_model
         target, states = negative_prompting(negatives, batch.highres, batch.lowres_upscaled, raw.positive_embeds, raw.negative_embeds)
-        with torch.no_grad():
-            scores = raw.estimate(batch.lowres)  # the estimator reads the LR before upscaling
-        prediction = self.model(batch.lowres_upscaled * 2 - 1, scores[:, BLUR_INDEX], scores[:, NOISE_INDEX], states)
-        return prediction.float(), target * 2 - 1, negatives
+        estimator_loss = highres.new_zeros(())
+        with torch.set_grad_enabled(self.config.losses.estimator_weight > 0):
+            estimated = raw.estimate(batch.lowres)  # the estimator reads the LR before upscaling
+        if self.config.losses.estimator_weight > 0:
+            applied = torch.stack([batch.blur_score, batch.noise_score], dim=1)[:, [BLUR_INDEX, NOISE_INDEX]]
+            estimator_loss = F.mse_loss(estimated, applied)
+        if self.config.scores_from == "applied":
+            blur, noise = batch.blur_score, batch.noise_score
+        else:
+            blur, noise = estimated[:, BLUR_INDEX].detach(), estimated[:, NOISE_INDEX].detach()
+        source = batch.lowres_upscaled * 2 - 1
+        prediction = self.model(source, blur, noise, states).float()
+        if self.config.losses.color_fix != "none":
+            prediction = color_fix(prediction, source, self.config.losses.color_fix)
+        return prediction, target * 2 - 1, negatives, estimator_loss
 
-    def reconstruction_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return F.mse_loss(prediction, target.float()), self.lpips(prediction, target.float()).mean()
+    def reconstruction_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(MSE, L1, LPIPS); LPIPS is skipped when its weight is 0."""
+        target = target.float()
+        lpips = self.lpips(prediction, target).mean() if self.config.losses.lpips_weight > 0 else prediction.new_zeros(())
+        return F.mse_loss(prediction, target), F.l1_loss(prediction, target), lpips
 
     def generator_gan_loss(self, prediction: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """Adversarial loss on positive-prompt outputs only; the heads get no gradient from it."""
         positives = prediction[~negatives]
-        if positives.shape[0] == 0 or self.config.losses.gan_weight == 0:
+        if positives.shape[0] == 0 or self.discriminator is None or self.config.losses.gan_weight == 0:
             return prediction.new_zeros(())
         disc = self.raw_discriminator
         disc.heads.requires_grad_(False)
@@ -175,19 +198,22 @@ class Trainer:
     def training_step(self, highres: torch.Tensor) -> StepLosses:
         losses, accelerator = self.config.losses, self.accelerator
         generator = self.step_generator()
-        with accelerator.accumulate(self.model, self.discriminator):
-            prediction, target, negatives = self.generator_prediction(highres, generator)
-            mse, lpips = self.reconstruction_loss(prediction, target)
+        optim = self.config.optim
+        self.optimizer.param_groups[1]["lr"] = 0.0 if self.step < optim.unet_start_step else optim.lr * optim.unet_lr_scale
+        with accelerator.accumulate(*[m for m in (self.model, self.discriminator) if m is not None]):
+            prediction, target, negatives, estimator = self.generator_prediction(highres, generator)
+            mse, l1, lpips = self.reconstruction_loss(prediction, target)
             gan = self.generator_gan_loss(prediction, negatives)
-            total = losses.mse_weight * mse + losses.lpips_weight * lpips + losses.gan_weight * gan
+            total = (losses.mse_weight * mse + losses.l1_weight * l1 + losses.lpips_weight * lpips
+                     + losses.gan_weight * gan + losses.estimator_weight * estimator)
             accelerator.backward(total)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(self.raw_model.trainable_parameters(), self.config.optim.grad_clip)
+                accelerator.clip_grad_norm_(self.parameters, self.config.optim.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
             disc_loss = torch.zeros((), device=highres.device)
-            if losses.gan_weight > 0:
+            if self.discriminator is not None and losses.gan_weight > 0:
                 disc_loss = losses.gan_weight * self.discriminator_loss(highres, prediction, negatives)
                 accelerator.backward(disc_loss)
                 if accelerator.sync_gradients:
@@ -195,7 +221,8 @@ class Trainer:
                 self.disc_optimizer.step()
                 self.disc_optimizer.zero_grad(set_to_none=True)
         return StepLosses(
-            total=total.item(), mse=mse.item(), lpips=lpips.item(), gan_generator=gan.item(),
+            total=total.item(), mse=mse.item(), l1=l1.item(), lpips=lpips.item(), estimator=estimator.item(),
+            gan_generator=gan.item(),
             discriminator=disc_loss.item(), negatives=int(negatives.sum()),
         )
 
@@ -209,11 +236,15 @@ class Trainer:
         raw.eval()
         try:
             scores = raw.estimate(batch.lowres)
-            prediction = raw(batch.lowres_upscaled * 2 - 1, scores[:, BLUR_INDEX], scores[:, NOISE_INDEX]).float()
-            mse, lpips = self.reconstruction_loss(prediction, batch.highres * 2 - 1)
+            source = batch.lowres_upscaled * 2 - 1
+            prediction = raw(source, scores[:, BLUR_INDEX], scores[:, NOISE_INDEX]).float()
+            if self.config.losses.color_fix != "none":
+                prediction = color_fix(prediction, source, self.config.losses.color_fix)
+            mse, l1, lpips = self.reconstruction_loss(prediction, batch.highres * 2 - 1)
         finally:
-            set_train_mode(raw)
-        return float(self.config.losses.mse_weight * mse + self.config.losses.lpips_weight * lpips)
+            set_train_mode(raw, self.config.model)
+        losses = self.config.losses
+        return float(losses.mse_weight * mse + losses.l1_weight * l1 + losses.lpips_weight * lpips)
 
     # --- loop -------------------------------------------------------------------------------
     def batches(self) -> Iterator[torch.Tensor]:
@@ -223,8 +254,9 @@ class Trainer:
     def run(self) -> Path | None:
         """Train to `max_steps` optimizer steps; returns the last checkpoint folder."""
         cfg, accelerator = self.config, self.accelerator
-        set_train_mode(self.raw_model)
-        self.discriminator.train()
+        set_train_mode(self.raw_model, cfg.model)
+        if self.discriminator is not None:
+            self.discriminator.train()
         log_path = self.output_dir / "train_log.csv"
         fields = ["step", *StepLosses.__dataclass_fields__]
         log_file = None

@@ -29,7 +29,8 @@ def test_relative_paths_follow_the_config_file_and_env_overrides(monkeypatch):
     assert config.data.hr_dirs == [TINY_CONFIG.parent / "tiny-data" / "photos"]
 
 
-def test_train_without_lpips_weights_is_a_clear_error(tmp_path, capsys):
+def test_train_without_lpips_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("S3DIFF_CACHE", str(tmp_path / "empty-cache"))
     values = yaml.safe_load(TINY_CONFIG.read_text())
     values["losses"] = {"random_weights": False}
     values["output_dir"] = str(tmp_path / "out")
@@ -39,7 +40,7 @@ def test_train_without_lpips_weights_is_a_clear_error(tmp_path, capsys):
     config_path.write_text(yaml.safe_dump(values))
     assert main(["train", "--config", str(config_path)]) == 2
     message = capsys.readouterr().out
-    assert "vgg16_path" in message and "download.pytorch.org/models/vgg16" in message
+    assert "s3diff weights fetch-metrics" in message
     assert not (tmp_path / "out").exists()
 
 

@@ -76,7 +76,7 @@ def test_short_run_loss_falls_and_logs(trained):
     assert trainer.step == STEPS
     assert after < before, (before, after)
     rows = (trainer.output_dir / "train_log.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("step,total,mse,lpips,gan_generator,discriminator,negatives")
+    assert rows[0].startswith("step,total,mse,l1,lpips,estimator,gan_generator,discriminator,negatives")
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, STEPS + 1))
     assert checkpoint.name == f"step-{STEPS:07d}"
 

@@ -1,0 +1,119 @@
+"""Training from scratch (the built-in demo model's recipe) on the tiny preset: every weight
+trains, the one-step path starts as an autoencoder, the UNet waits for its start step, the
+estimator learns the applied scores, and a checkpoint restores the whole model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s3diff_serve.model.config import TIMESTEP
+from s3diff_serve.training.config import DegradationConfig, LossConfig, ModelSource, TrainConfig
+from s3diff_serve.training.degradations import NOISE_STD_FULL, RealESRGANDegradation, kernel_std
+from s3diff_serve.training.kernels import gaussian_family
+from s3diff_serve.training.model_setup import build_trainable_model
+from s3diff_serve.training.trainer import Trainer
+
+from .conftest import TINY_CONFIG
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def scratch_config(output_dir: Path, **overrides) -> TrainConfig:
+    config = TrainConfig.from_yaml(TINY_CONFIG)
+    values = {
+        "output_dir": output_dir, "max_steps": 2, "batch_size": 2, "grad_accum_steps": 1, "checkpoint_every": 2,
+        "model": ModelSource(preset="tiny", train_all=True, rank_unet=4, rank_vae=4),
+        "losses": LossConfig(mse_weight=0, l1_weight=1, lpips_weight=0.5, gan_weight=0, estimator_weight=1,
+                             color_fix="wavelet", random_weights=True),
+        "discriminator": None, "scores_from": "applied",
+        "optim": config.optim.model_copy(update={"lr": 1e-3, "unet_start_step": 1, "unet_lr_scale": 0.5}),
+        **overrides,
+    }
+    return config.model_copy(update=values)
+
+
+def test_every_weight_trains_and_the_start_is_an_autoencoder():
+    model = build_trainable_model(None, ModelSource(preset="tiny", train_all=True, rank_unet=4, rank_vae=4)).eval()
+    assert all(p.requires_grad for p in model.parameters())
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        model.set_degradation(torch.zeros(1), torch.zeros(1))
+        latent = model.encode(image)
+        expected = model.vae.decode(latent / model.alpha_bar**0.5 / model.scaling_factor).sample
+        assert torch.allclose(model(image, torch.zeros(1), torch.zeros(1)), expected, atol=1e-5)
+    assert model.alpha_bar == pytest.approx(0.0046601, rel=1e-3) and TIMESTEP == 999
+
+
+def test_kernel_std_of_a_gaussian_is_its_sigma():
+    sigma = torch.tensor([0.8, 1.5, 2.5], dtype=torch.float64)
+    kernels = gaussian_family(torch.zeros(3, dtype=torch.long), sigma, sigma, torch.zeros(3, dtype=torch.float64),
+                              torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 21)
+    assert torch.allclose(kernel_std(kernels), sigma, rtol=2e-2)
+
+
+def test_applied_noise_score_measures_the_noise_added(hr_batch):
+    config = DegradationConfig()
+    quiet = config.model_copy(update={
+        "blur1": config.blur1.model_copy(update={"probability": 0.0}),
+        "noise1": config.noise1.model_copy(update={"gaussian_probability": 1.0, "gaussian_sigma": (8.0, 8.0), "gray_probability": 0.0}),
+        "noise2": config.noise2.model_copy(update={"gaussian_probability": 1.0, "gaussian_sigma": (6.0, 6.0), "gray_probability": 0.0}),
+    })
+    batch = RealESRGANDegradation(quiet)(hr_batch, torch.Generator().manual_seed(0))
+    expected = math.hypot(8, 6) / 255 / NOISE_STD_FULL  # clamping at 0/1 trims a little
+    assert batch.noise_score.tolist() == pytest.approx([expected] * 2, rel=0.1)
+
+
+def test_clean_samples_are_bicubic_downscales_scored_zero(hr_batch):
+    batch = RealESRGANDegradation(DegradationConfig(clean_probability=1.0))(hr_batch, torch.Generator().manual_seed(0))
+    bicubic = F.interpolate(hr_batch, size=(16, 16), mode="bicubic", align_corners=False, antialias=True)
+    assert torch.allclose(batch.lowres, (bicubic.clamp(0, 1) * 255).round() / 255)
+    assert not batch.blur_score.any() and not batch.noise_score.any()
+
+
+@pytest.fixture(scope="module")
+def scratch_run(tmp_path_factory, photo_dirs):
+    general, _ = photo_dirs
+    config = scratch_config(tmp_path_factory.mktemp("scratch"))
+    config.data = config.data.model_copy(update={"hr_dirs": [general], "face_dirs": [], "face_share": 0.0})
+    trainer = Trainer(config)
+    start = {name: p.detach().clone() for name, p in trainer.raw_model.named_parameters()}
+    trainer.training_step(next(iter(trainer.loader)))  # step 0 < unet_start_step: the UNet waits
+    after_first = {name: p.detach().clone() for name, p in trainer.raw_model.named_parameters()}
+    trainer.step = 1
+    trainer.training_step(next(iter(trainer.loader)))
+    return trainer, start, after_first
+
+
+def test_the_unet_waits_for_its_start_step_and_the_rest_trains(scratch_run):
+    trainer, start, after_first = scratch_run
+    now = dict(trainer.raw_model.named_parameters())
+    unet = [n for n in start if n.startswith("unet.")]
+    others = [n for n in start if n.startswith(("vae.encoder.", "vae.decoder.", "de_net."))]
+    assert all(torch.equal(start[n], after_first[n]) for n in unet)
+    assert any(not torch.equal(start[n], after_first[n]) for n in others)
+    assert any(not torch.equal(after_first[n], now[n].detach()) for n in unet)
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(1e-3 * 0.5)
+
+
+def test_a_scratch_checkpoint_restores_the_whole_model(scratch_run, tmp_path):
+    trainer, _, _ = scratch_run
+    trainer.step = 2
+    folder = trainer.save()
+    assert (folder / "merged" / "config.json").is_file() and not (folder / "s3diff.pkl").exists()
+    config = scratch_config(trainer.config.output_dir, resume_from=folder)
+    config.data = trainer.config.data
+    resumed = Trainer(config)
+    assert resumed.step == 2
+    for (name, a), b in zip(trainer.raw_model.state_dict().items(), resumed.raw_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_demo_recipe_trains_from_scratch_with_the_real_lpips():
+    config = TrainConfig.from_yaml(REPO / "training" / "configs" / "demo.yaml")
+    assert config.model.preset == "demo" and config.model.train_all
+    assert not config.losses.random_weights and config.losses.lpips_weight > 0
+    assert config.scores_from == "applied" and config.losses.estimator_weight > 0 and config.discriminator is None
