@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from s3diff_serve.model.errors import S3DiffError
     from s3diff_serve.training.config import TrainConfig
     from s3diff_serve.training.data import UnreadableImageError
-    from s3diff_serve.training.lpips import MissingWeightsError
+    from s3diff_serve.evaluation.cache import MissingWeightsError
 
     try:
         config = TrainConfig.from_yaml(args.config)
