@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DE_NET_URL = "https://github.com/ArcticHare105/S3Diff/raw/main/assets/mm-realsr/de_net.pth"
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="merge the released S3Diff weights into one safetensors folder")

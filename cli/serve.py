@@ -7,7 +7,8 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve the model over HTTP (FastAPI + uvicorn)")
-    parser.add_argument("--weights", type=Path, help="merged weights folder (env S3DIFF_WEIGHTS)")
+    parser.add_argument("--weights", type=Path,
+                        help="merged weights folder (env S3DIFF_WEIGHTS); default: the built-in demo model")
     parser.add_argument("--host", help="bind address (env S3DIFF_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env S3DIFF_PORT, default 8000)")
     parser.add_argument("--workers", help="'auto' (one per CUDA device, one on CPU) or a number")
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as error:
         print(f"error: {error}")
         return 2
-    if not (settings.weights / "config.json").is_file():
+    if settings.weights is not None and not (settings.weights / "config.json").is_file():
         print(f"error: {settings.weights} is not a merged weights folder (no config.json); "
               "make one with `s3diff convert`")
         return 2

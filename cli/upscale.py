@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("-o", "--output", required=True, type=Path,
                         help="output file (one input) or folder (created when missing)")
-    parser.add_argument("--weights", required=True, type=Path, metavar="MERGED_DIR", help="merged weights folder")
+    parser.add_argument("--weights", type=Path, metavar="MERGED_DIR",
+                        help="merged weights folder (default: the built-in demo model)")
     parser.add_argument("--noise", type=_unit_interval, help="noise score in [0, 1] (default: estimated)")
     parser.add_argument("--blur", type=_unit_interval, help="blur score in [0, 1] (default: estimated)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default 1.07; 1 = no negative prompt)")
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pipe = S3DiffPipeline.from_merged(args.weights, device=args.device, dtype=args.dtype)
     except (S3DiffError, OSError) as err:
-        print(f"error: cannot load weights from {args.weights}: {err}", file=sys.stderr)
+        print(f"error: cannot load weights from {args.weights or 'the built-in demo model'}: {err}", file=sys.stderr)
         return 2
 
     failures = len(unmatched)

@@ -153,8 +153,21 @@ def encode_prompts(sd_turbo_dir: Path, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def load_sd_turbo(sd_turbo_dir: str | Path) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """The UNet and VAE of an SD-Turbo diffusers folder (the base every released S3Diff builds on)."""
+    try:
+        unet = UNet2DConditionModel.from_pretrained(sd_turbo_dir, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(sd_turbo_dir, subfolder="vae")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{sd_turbo_dir}: cannot load the SD-Turbo unet/vae ({exc}); download stabilityai/sd-turbo from Hugging Face"
+        ) from None
+    return unet, vae
+
+
 def load_release(sd_turbo_dir: str | Path, s3diff_pkl: str | Path, de_net_pth: str | Path) -> S3DiffModel:
-    """Build S3Diff from the three things a user brings (MODEL.md, 'Files a user brings')."""
+    """Build S3Diff from the three released inputs a user brings: an SD-Turbo folder, `s3diff.pkl`
+    and `de_net.pth` (docs/model.md, "Released files")."""
     sd_turbo_dir, s3diff_pkl, de_net_pth = Path(sd_turbo_dir), Path(s3diff_pkl), Path(de_net_pth)
     checkpoint = _torch_load(s3diff_pkl)
     if not isinstance(checkpoint, dict):
@@ -162,11 +175,7 @@ def load_release(sd_turbo_dir: str | Path, s3diff_pkl: str | Path, de_net_pth: s
     for key in ("rank_unet", "rank_vae", "unet_lora_target_modules", "vae_lora_target_modules"):
         if key not in checkpoint:
             raise CheckpointError(f"{s3diff_pkl}: missing key {key!r}; is this an S3Diff s3diff.pkl?")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(sd_turbo_dir, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(sd_turbo_dir, subfolder="vae")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{sd_turbo_dir}: cannot load the SD-Turbo unet/vae ({exc})") from None
+    unet, vae = load_sd_turbo(sd_turbo_dir)
     model = S3DiffModel(
         unet, vae, read_scheduler_config(sd_turbo_dir),
         rank_unet=int(checkpoint["rank_unet"]), rank_vae=int(checkpoint["rank_vae"]),

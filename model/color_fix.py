@@ -1,4 +1,5 @@
-"""Colour correction of the SR output against the upscaled input (MODEL.md inference step 8).
+"""Colour correction of the SR output against the upscaled input: the last step of the inference
+path (docs/model.md, "6. Post-processing: crop and colour fix").
 
 Written by hand: kornia has no wavelet colour transfer; both are a few tensor ops (StableSR's
 definitions, which the S3Diff reference calls)."""

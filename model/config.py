@@ -1,4 +1,5 @@
-"""Numbers of the released S3Diff model (MODEL.md) and the architecture presets we build from."""
+"""Numbers of the released S3Diff model (docs/model.md, "Numbers at a glance") and the
+architecture presets we build from."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,7 @@ SCHEDULER_CONFIG = {
 
 @dataclass
 class TilingConfig:
-    """Tiling defaults (MODEL.md inference step 9): one latent tile side drives all three stages
+    """Tiling defaults (docs/model.md, "Tiling"): one latent tile side drives all three stages
     (the VAE works on the same tiles, x8 in pixels); the overlap is a third of the tile."""
 
     latent_tile: int = 96

@@ -1,4 +1,5 @@
-"""Typed errors of the model package, so callers (CLI, service) can map them to clear messages."""
+"""Every typed error of the model package, in one place, so callers (CLI, service) can map each one
+to a clear message or status."""
 
 
 class S3DiffError(Exception):
@@ -15,3 +16,20 @@ class NonFiniteOutputError(S3DiffError):
 
 class InvalidInputError(S3DiffError, ValueError):
     """An argument or image the caller passed is out of range or of the wrong shape."""
+
+
+class UnsupportedImageError(InvalidInputError):
+    """The bytes are not an image in a format we accept (PNG, JPEG, WebP, TIFF, BMP)."""
+
+
+class CorruptImageError(InvalidInputError):
+    """The bytes start like an accepted image format but cannot be decoded (corrupt or truncated)."""
+
+
+class ImageTooLargeError(InvalidInputError):
+    """The header declares more pixels than allowed. Raised before any pixel is decoded, which is
+    what refuses decompression bombs (a small file declaring a huge image)."""
+
+
+class TilingOutOfMemoryError(S3DiffError):
+    """The device ran out of memory even with the smallest tile size."""

@@ -18,7 +18,7 @@ import png
 import torch
 from PIL import Image, ImageCms
 
-from s3diff_serve.model.errors import InvalidInputError
+from s3diff_serve.model.errors import CorruptImageError, ImageTooLargeError, InvalidInputError, UnsupportedImageError
 from s3diff_serve.model.output_size import resample
 
 # Formats we accept, as Pillow names them (MPO: the multi-picture JPEG many phones write).
@@ -30,19 +30,6 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 # ITU-R BT.601 luma weights, the ones Pillow uses for RGB -> L.
 _LUMA = (0.299, 0.587, 0.114)
 _SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
-
-
-class UnsupportedImageError(InvalidInputError):
-    """The bytes are not an image in a format we accept (PNG, JPEG, WebP, TIFF, BMP)."""
-
-
-class CorruptImageError(InvalidInputError):
-    """The bytes start like an accepted image format but cannot be decoded (corrupt or truncated)."""
-
-
-class ImageTooLargeError(InvalidInputError):
-    """The header declares more pixels than allowed. Raised before any pixel is decoded, which is
-    what refuses decompression bombs (a small file declaring a huge image)."""
 
 
 @dataclass(frozen=True)

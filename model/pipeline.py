@@ -1,5 +1,5 @@
-"""One-step S3Diff inference (MODEL.md, 'Inference path'): the single entry point that the CLI,
-the service and training evaluation call.
+"""One-step S3Diff inference (docs/model.md, "The one-step inference path"): the single entry
+point that the CLI, the service and training evaluation call.
 
 pre-process (bilinear x4, [-1,1], reflect-pad to 64) -> degradation scores (estimator unless
 overridden) -> modulated VAE-encoder latent -> ONE UNet call on [positive; negative] -> CFG ->
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .builtin import resolve_weights
 from .checkpoints import DTYPES, load_merged, load_release
 from .color_fix import color_fix as apply_color_fix
 from .config import COLOR_FIXES, LATENT_FACTOR, PAD_MULTIPLE, SCALE, MergedConfig
@@ -109,15 +110,18 @@ def _per_sample(value: ScoreOverride, batch: int, name: str) -> list[float | Non
 class S3DiffPipeline:
     scale = SCALE
 
-    def __init__(self, model: S3DiffModel, config: MergedConfig, device=None, dtype=None):
+    def __init__(self, model: S3DiffModel, config: MergedConfig, device=None, dtype=None, source: str = ""):
         self.device, self.dtype = resolve_runtime(device, dtype)
         self.config = config
+        self.source = source  # where the weights came from: a folder, or "builtin-demo"
         self.model = model.to_runtime(self.device, self.dtype).eval().requires_grad_(False)
 
     @classmethod
-    def from_merged(cls, merged_dir: str | Path, device=None, dtype=None) -> "S3DiffPipeline":
-        model, config = load_merged(merged_dir)
-        return cls(model, config, device, dtype)
+    def from_merged(cls, merged_dir: str | Path | None = None, device=None, dtype=None) -> "S3DiffPipeline":
+        """A merged weights folder; with none, the built-in demo model."""
+        folder, source = resolve_weights(merged_dir)
+        model, config = load_merged(folder)
+        return cls(model, config, device, dtype, source)
 
     @classmethod
     def from_release(cls, sd_turbo_dir, s3diff_pkl, de_net_pth, device=None, dtype=None) -> "S3DiffPipeline":

@@ -1,4 +1,4 @@
-"""Tiled inference so memory stays nearly flat as images grow (MODEL.md inference step 9).
+"""Tiled inference so memory stays nearly flat as images grow (docs/model.md, "Tiling").
 
 Every stage is a function over a callable: the UNet step, the VAE encoder and the VAE decoder each
 run on overlapping tiles whose outputs are blended with Gaussian weights (the reference's
@@ -20,7 +20,7 @@ from typing import Callable, TypeVar
 import torch
 
 from s3diff_serve.model.config import LATENT_FACTOR  # the VAE's spatial factor; tile starts stay on multiples of it
-from s3diff_serve.model.errors import S3DiffError
+from s3diff_serve.model.errors import TilingOutOfMemoryError
 
 DEFAULT_TILE = 96  # latent pixels (768 image pixels), as the reference
 MIN_TILE = 32
@@ -37,10 +37,6 @@ MAX_AUTO_TILE = 320
 ESTIMATOR_MAX_SIDE = 512
 
 T = TypeVar("T")
-
-
-class TilingOutOfMemoryError(S3DiffError):
-    """The device ran out of memory even with the smallest tile size."""
 
 
 def overlap_for(tile: int) -> int:

@@ -82,14 +82,14 @@ class ServiceState:
             await self.batcher.run_on_inference_thread(pipeline.warmup)
         except Exception as error:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
             self.load_error = f"{type(error).__name__}: {error}"
-            logger.exception("loading the model from %s failed", self.settings.weights)
+            logger.exception("loading the model from %s failed", self.settings.weights or "the built-in demo model")
             return
         self.pipeline = pipeline
         self.predictor = Predictor(pipeline, lambda: self._loader(self.settings, "fp32"))
         metrics.MODEL_INFO.labels(pipeline.weights_id, str(pipeline.dtype).removeprefix("torch."),
                                   str(pipeline.device)).set(1)
         self.ready = True
-        logger.info("ready: weights %s on %s (%s)", pipeline.weights_id, pipeline.device, pipeline.dtype)
+        logger.info("ready: weights %s (%s) on %s (%s)", pipeline.source, pipeline.weights_id, pipeline.device, pipeline.dtype)
 
     async def drain(self) -> bool:
         """SIGTERM: /readyz turns 503, new work is refused, queued work gets `drain_timeout_s`."""

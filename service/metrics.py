@@ -1,4 +1,4 @@
-"""The Prometheus metrics of SERVICE.md. Labels stay bounded: route templates, stage names and
+"""The Prometheus metrics of docs/service.md. Labels stay bounded: route templates, stage names and
 rejection reasons, never raw paths or per-request values.
 
 With several worker processes behind one port, prometheus-client's multiprocess mode (env

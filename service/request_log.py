@@ -21,7 +21,8 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def request_id(request: Request) -> str:
-    return request.scope[_FIELDS_KEY]["request_id"]
+    """The id the log line and the X-Request-ID header carry ("-" outside the logging middleware)."""
+    return request.scope.get(_FIELDS_KEY, {}).get("request_id", "-")
 
 
 def note(request: Request, **fields: Any) -> None:

@@ -1,6 +1,6 @@
 """Running the app: uvicorn with a graceful SIGTERM drain, and one worker process per device.
 
-Drain (SERVICE.md 'Shutdown'): the first SIGTERM/SIGINT does not stop uvicorn at once; the
+Drain (docs/service.md, 'Graceful shutdown'): the first SIGTERM/SIGINT does not stop uvicorn at once; the
 service first turns /readyz to 503 and refuses new work while queued work finishes (at most
 `drain_timeout_s`), and only then lets uvicorn close connections and exit. A second signal
 exits at once.

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="S3DIFF_", extra="ignore")
 
-    weights: Path = Field(Path("weights/merged"), description="folder of merged weights (`s3diff convert`)")
+    weights: Path | None = Field(None, description="folder of merged weights (`s3diff convert`); "
+                                                 "None = the built-in demo model")
     device: str | None = Field(None, description="torch device; None = cuda when present, else cpu")
     dtype: str | None = Field(None, description="fp32/bf16/fp16; None = fp16 on CUDA, fp32 on CPU")
     host: str = "127.0.0.1"

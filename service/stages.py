@@ -108,7 +108,7 @@ def _latent_area(height: int, width: int) -> int:
 # --- predict ------------------------------------------------------------------------------------
 class Predictor:
     """Runs a batch of tasks through the pipeline. A non-finite output is retried once in fp32
-    (SERVICE.md 'Faults'), on a fp32 copy loaded on first need; if that also fails, or the
+    (docs/service.md, 'Faults'), on a fp32 copy loaded on first need; if that also fails, or the
     weights already are fp32, the NonFiniteOutputError goes up (500 numerical_error)."""
 
     def __init__(self, pipeline: S3DiffPipeline, load_fp32: Callable[[], S3DiffPipeline] | None = None):

@@ -1,7 +1,7 @@
 """Training settings: one pydantic-settings class read from a YAML file (env overrides with prefix
 `S3DIFF_TRAIN_`, nested with `__`, e.g. `S3DIFF_TRAIN_OPTIM__LR=1e-5`).
 
-Defaults are the paper's recipe (MODEL.md, "Training"); `training/configs/paper.yaml` spells them
+Defaults are the recipe of the S3Diff paper and reference code; `training/configs/paper.yaml` spells them
 out and `training/configs/tiny.yaml` shrinks everything for a CPU smoke run. Relative paths in a
 YAML file are resolved against the file's folder.
 """
@@ -62,7 +62,7 @@ class ResizeStage(Section):
 
 
 class DegradationConfig(Section):
-    """Real-ESRGAN two-stage degradation with S3Diff's numbers (MODEL.md)."""
+    """Real-ESRGAN two-stage degradation with the numbers of S3Diff's reference training code."""
 
     scale: int = 4
     blur1: BlurStage = BlurStage()

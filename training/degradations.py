@@ -1,6 +1,6 @@
-"""Real-ESRGAN two-stage degradation on batches of torch tensors (S3Diff trains on it; MODEL.md,
-"Training"): blur -> resize -> noise -> JPEG, twice, with the final sinc filter and the last
-resize/JPEG in random order. HR in, (LR, HR, LR resized back to HR size with bicubic) out.
+"""Real-ESRGAN two-stage degradation on batches of torch tensors (the degradation S3Diff is trained
+on, with the numbers of `DegradationConfig`): blur -> resize -> noise -> JPEG, twice, with the
+final sinc filter and the last resize/JPEG in random order. HR in, (LR, HR, LR resized back to HR size with bicubic) out.
 
 kornia does the filtering (`filter2d`) and the JPEG round trip (`jpeg_codec_differentiable`);
 resizing is torch's `F.interpolate`, as in Real-ESRGAN. Kernels are drawn in `kernels.py` and the

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from s3diff_serve.model.checkpoints import encode_prompts, load_de_net_into, load_release, read_scheduler_config
+from s3diff_serve.model.checkpoints import encode_prompts, load_de_net_into, load_release, load_sd_turbo, read_scheduler_config
 from s3diff_serve.model.config import NEGATIVE_PROMPT, POSITIVE_PROMPT, PRESETS, SCHEDULER_CONFIG
-from s3diff_serve.model.errors import CheckpointError
 from s3diff_serve.model.s3diff import S3DiffModel
 
 from .config import ModelSource
@@ -47,13 +46,7 @@ def resolve_base_files(source: ModelSource, output_dir: Path, seed: int) -> Base
 def fresh_model(files: BaseFiles, source: ModelSource) -> S3DiffModel:
     """SD-Turbo + new LoRA/MLPs (peft init: B = 0, so training starts from SD-Turbo's output)."""
     sd_turbo = Path(files.sd_turbo_dir)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(sd_turbo, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(sd_turbo, subfolder="vae")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{sd_turbo}: cannot load the SD-Turbo unet/vae ({exc}); download stabilityai/sd-turbo from Hugging Face"
-        ) from None
+    unet, vae = load_sd_turbo(sd_turbo)
     model = S3DiffModel(unet, vae, read_scheduler_config(sd_turbo), rank_unet=source.rank_unet, rank_vae=source.rank_vae)
     load_de_net_into(model, Path(files.de_net_pth))
     with torch.no_grad():
@@ -108,6 +101,3 @@ def set_train_mode(model: S3DiffModel, source: ModelSource) -> None:
     if not source.train_all:
         model.de_net.eval()
 
-
-def trainable_names(model: S3DiffModel) -> list[str]:
-    return [name for name, param in model.named_parameters() if param.requires_grad]

@@ -61,6 +61,16 @@ def negative_prompting(
     return target, states
 
 
+def drop_rows_after(log_path: Path, step: int) -> None:
+    """Remove logged rows past `step` (written after the checkpoint a run resumes from)."""
+    if not log_path.is_file():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+    if len(kept) != len(lines):
+        log_path.write_text("".join(kept))
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -261,6 +271,7 @@ class Trainer:
         fields = ["step", *StepLosses.__dataclass_fields__]
         log_file = None
         if accelerator.is_main_process:
+            drop_rows_after(log_path, self.step)  # a resumed run logs those steps again
             is_new = not log_path.is_file()
             log_file = open(log_path, "a", newline="")
             writer = csv.DictWriter(log_file, fieldnames=fields)

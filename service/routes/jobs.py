@@ -8,17 +8,20 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from s3diff_serve.service.auth import require_api_key
-from s3diff_serve.service.errors import ServiceError, from_model_error
+from s3diff_serve.service.errors import ServiceError, error_responses, from_model_error
 from s3diff_serve.service.jobs import Job, JobCancelled
 from s3diff_serve.service.request_log import note
-from s3diff_serve.service.routes.upscale import IMAGE_BODY, IMAGE_FIELD, UpscaleParams, accept_upscale, run_upscale
+from s3diff_serve.service.routes.upscale import (IMAGE_RESPONSES, UPLOAD_ERRORS, UpscaleParams, accept_upscale,
+                                                 image_body, run_upscale)
 
 logger = logging.getLogger("s3diff.service")
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+# 422 on the job-id routes too: FastAPI documents one for any route with parameters.
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
+                   responses=error_responses(401, 422))
 
 
 async def _run_job(service, job: Job, task) -> None:
@@ -45,29 +48,31 @@ async def _run_job(service, job: Job, task) -> None:
         job.status, job.error = "failed", error
     except Exception as error:  # noqa: BLE001 - a job's failure is reported by its status, not lost
         logger.exception("job %s failed", job.id)
-        job.status, job.error = "failed", from_model_error(error)
+        job.status, job.error = "failed", from_model_error(error, f"job {job.id}")
     finally:
         job.finished_at = time.time()
 
 
-@router.post("", status_code=202, openapi_extra=IMAGE_BODY, summary="Start an upscale job")
-async def create_job(request: Request, query: Annotated[UpscaleParams, Query()],
-                     image: Annotated[UploadFile | None, IMAGE_FIELD] = None) -> JSONResponse:
+@router.post("", status_code=202, openapi_extra=image_body(UpscaleParams), summary="Start an upscale job",
+             responses={202: {"description": "the job, queued", "headers": {"Location": {
+                 "description": "the job's status URL", "required": True, "schema": {"type": "string"}}}},
+                        **error_responses(*UPLOAD_ERRORS, 429)})
+async def create_job(request: Request, query: Annotated[UpscaleParams, Query()]) -> JSONResponse:
     service = request.app.state.service
-    task = await accept_upscale(request, query, image)
+    task = await accept_upscale(request, query)
     job = service.jobs.create()
     job.task = asyncio.get_running_loop().create_task(_run_job(service, job, task))
     note(request, job_id=job.id)
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("/{job_id}", summary="A job's status and progress")
+@router.get("/{job_id}", summary="A job's status and progress", responses=error_responses(404))
 async def job_status(request: Request, job_id: str) -> dict:
     return request.app.state.service.jobs.get(job_id).describe()
 
 
 @router.get("/{job_id}/result", response_class=Response, summary="A finished job's image",
-            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})
+            responses={**IMAGE_RESPONSES, **error_responses(404, 409)})
 async def job_result(request: Request, job_id: str) -> Response:
     job = request.app.state.service.jobs.get(job_id)
     if job.status == "failed":
@@ -79,6 +84,6 @@ async def job_result(request: Request, job_id: str) -> Response:
         "X-S3Diff-Noise": f"{job.scores['noise']:.6f}", "X-S3Diff-Blur": f"{job.scores['blur']:.6f}"})
 
 
-@router.delete("/{job_id}", summary="Cancel a job and forget it")
+@router.delete("/{job_id}", summary="Cancel a job and forget it", responses=error_responses(404))
 async def cancel_job(request: Request, job_id: str) -> dict:
     return request.app.state.service.jobs.cancel(job_id).describe()

@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from s3diff_serve.service import metrics
 from s3diff_serve.service.auth import require_api_key
-from s3diff_serve.service.errors import error_response
+from s3diff_serve.service.errors import error_response, error_responses
 
 router = APIRouter()
 
@@ -19,7 +19,8 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["probes"], summary="Readiness: weights loaded and warmed up, not draining")
+@router.get("/readyz", tags=["probes"], summary="Readiness: weights loaded and warmed up, not draining",
+            responses=error_responses(503))
 async def readyz(request: Request) -> JSONResponse:
     service = request.app.state.service
     if service.draining:
@@ -31,13 +32,14 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/v1/model", tags=["model"], dependencies=[Depends(require_api_key)],
-            summary="The model, weights, device and limits in force")
+            responses=error_responses(401, 503), summary="The model, weights, device and limits in force")
 async def model_info(request: Request) -> dict:
     service = request.app.state.service
     service.require_ready()
     pipeline, settings = service.pipeline, service.settings
     return {
         "model": pipeline.config.model_name,
+        "weights": pipeline.source,
         "weights_id": pipeline.weights_id,
         "dtype": str(pipeline.dtype).removeprefix("torch."),
         "devices": [str(pipeline.device)],
@@ -53,7 +55,8 @@ async def model_info(request: Request) -> dict:
     }
 
 
-@router.get("/metrics", tags=["probes"], response_class=Response, summary="Prometheus text format")
+@router.get("/metrics", tags=["probes"], response_class=Response, summary="Prometheus text format",
+            responses={200: {"content": {"text/plain": {}}}})
 async def prometheus_metrics(request: Request) -> Response:
     body, content_type = metrics.render(request.app.state.service.settings.prometheus_multiproc_dir)
     return Response(body, media_type=content_type)

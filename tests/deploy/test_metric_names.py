@@ -46,7 +46,7 @@ def all_queries(manifests, alert_rules) -> list[str]:
 
 
 def test_service_exposes_the_metrics_of_the_contract(service_series):
-    # SERVICE.md, "Metrics".
+    # The metric names documented in docs/service.md, "Metrics".
     assert {"s3diff_requests_total", "s3diff_request_duration_seconds_bucket", "s3diff_queue_wait_seconds_bucket",
             "s3diff_stage_duration_seconds_bucket", "s3diff_batch_size_bucket", "s3diff_queue_depth",
             "s3diff_inflight_requests", "s3diff_output_pixels_total", "s3diff_rejected_total",

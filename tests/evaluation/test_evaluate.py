@@ -265,3 +265,13 @@ def test_cli_rejects_unknown_methods_and_bad_crops(capsys):
         with pytest.raises(SystemExit) as exit_info:
             _cli("--data", "d", "--out", "o", *argv)
         assert exit_info.value.code == 2
+
+
+def test_training_curve_moving_average_and_plot(tmp_path):
+    from s3diff_serve.evaluation.training_curve import moving_average, plot_training_log
+
+    assert moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+    log = tmp_path / "train_log.csv"
+    log.write_text("step,total,mse,l1,lpips,estimator\n" + "".join(f"{i},1,0,{1 / i},0.5,0.1\n" for i in range(1, 30)))
+    out = plot_training_log(log, tmp_path / "curve.png")
+    assert Image.open(out).size[0] > 300

@@ -1,6 +1,7 @@
-"""An independent re-statement of the reference inference path (MODEL.md steps 1-8, reference
-code order): two separate UNet calls, diffusers' DDPMScheduler for the step, the modulation
-computed from the released formula, output truncated to uint8 through PIL like the reference.
+"""An independent re-statement of the reference inference path (docs/model.md, "The one-step
+inference path", in the reference code's order): two separate UNet calls, diffusers'
+DDPMScheduler for the step, the modulation computed from the released formula, output truncated
+to uint8 through PIL like the reference.
 Used only to check that the pipeline's output matches it within 8-bit rounding."""
 from __future__ import annotations
 

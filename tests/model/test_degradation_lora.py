@@ -53,7 +53,8 @@ def test_vae_block_ids(name, block):
 
 
 def test_released_layer_and_key_counts_at_full_size():
-    """MODEL.md: 257 UNet and 31 VAE-encoder LoRA layers; 516 and 62 checkpoint tensors."""
+    """The released model has 257 UNet and 31 VAE-encoder LoRA layers; 516 and 62 checkpoint tensors
+    (docs/model.md, "Released files")."""
     with torch.device("meta"):
         model = S3DiffModel.from_configs(sd_turbo_unet_config(), sd_turbo_vae_config(), {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
     assert len(model.unet_slot.layers) == 257

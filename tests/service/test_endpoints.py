@@ -1,4 +1,4 @@
-"""Every endpoint of SERVICE.md against a real server, with outputs checked against the model
+"""Every endpoint of docs/service.md against a real server, with outputs checked against the model
 package run in-process (an independent path: no HTTP, no batcher, no codec pool)."""
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def test_probes_are_open_and_report_the_loaded_weights(server, tiny_merged_dir):
 def test_model_endpoint_reports_weights_device_and_limits(client, tiny_merged_dir):
     body = client.get("/v1/model").json()
     assert body["weights_id"] == json.loads((tiny_merged_dir / "config.json").read_text())["weights_id"]
+    assert body["weights"] == str(tiny_merged_dir)  # configured weights, not the built-in demo
     assert (body["dtype"], body["devices"], body["scale"]) == ("float32", ["cpu"], 4)
     assert body["limits"]["max_body_bytes"] == 1_000_000 and body["limits"]["max_batch"] == 4
     assert body["tiling"]["latent_tile"] == 96

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from s3diff_serve.model import EnhanceResult, InvalidInputError, NonFiniteOutputError
-from s3diff_serve.model.image_io import CorruptImageError, ImageTooLargeError, UnsupportedImageError, decode_image
+from s3diff_serve.model.errors import CorruptImageError, ImageTooLargeError, UnsupportedImageError
+from s3diff_serve.model.image_io import decode_image
 from s3diff_serve.service.errors import from_model_error
 from s3diff_serve.service.stages import Predictor, UpscaleOptions, UpscaleTask, batch_key
 from tests.service.images import png_bytes
@@ -68,3 +69,25 @@ def test_batch_key_groups_by_size_guidance_and_color_fix_but_not_scores():
     job = make_task()
     job.progress = lambda done, total: None
     assert batch_key(job, 96) is None  # jobs report progress, so they run alone
+
+
+def test_out_of_memory_after_retries_is_a_logged_503_with_retry_after(caplog):
+    from s3diff_serve.model.errors import TilingOutOfMemoryError
+    from s3diff_serve.service.errors import from_model_error
+
+    with caplog.at_level("WARNING", logger="s3diff.service"):
+        error = from_model_error(TilingOutOfMemoryError("out of device memory even with 32-pixel latent tiles"), "req-7")
+    assert (error.status, error.code, error.headers["Retry-After"]) == (503, "out_of_memory", "5")
+    assert "req-7" in caplog.text
+
+
+def test_an_unexpected_error_is_logged_with_its_traceback_and_request_id(caplog):
+    from s3diff_serve.service.errors import from_model_error
+
+    try:
+        raise KeyError("bug")
+    except KeyError as bug:
+        with caplog.at_level("ERROR", logger="s3diff.service"):
+            error = from_model_error(bug, "req-9")
+    assert (error.status, error.code) == (500, "internal_error")
+    assert "req-9" in caplog.text and "KeyError" in caplog.text

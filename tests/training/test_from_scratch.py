@@ -113,7 +113,21 @@ def test_a_scratch_checkpoint_restores_the_whole_model(scratch_run, tmp_path):
 
 
 def test_the_demo_recipe_trains_from_scratch_with_the_real_lpips():
+    clean = TrainConfig.from_yaml(REPO / "training" / "configs" / "demo-clean.yaml")
     config = TrainConfig.from_yaml(REPO / "training" / "configs" / "demo.yaml")
-    assert config.model.preset == "demo" and config.model.train_all
+    assert config.model.preset == "demo" and config.model.train_all and clean.model == config.model
     assert not config.losses.random_weights and config.losses.lpips_weight > 0
     assert config.scores_from == "applied" and config.losses.estimator_weight > 0 and config.discriminator is None
+    # stage 1: clean inputs only, the UNet waits; stage 2 resumes it in the same folder
+    assert clean.degradation.clean_probability == 1.0 and clean.optim.unet_start_step == clean.max_steps
+    assert clean.output_dir == config.output_dir and config.resume_from.name == "latest"
+    assert config.optim.unet_start_step == clean.max_steps < config.max_steps
+
+
+def test_a_resumed_run_drops_the_log_rows_past_its_checkpoint(tmp_path):
+    from s3diff_serve.training.trainer import drop_rows_after
+
+    log = tmp_path / "train_log.csv"
+    log.write_text("step,total\n10,1\n20,1\n30,1\n")
+    drop_rows_after(log, 20)
+    assert log.read_text() == "step,total\n10,1\n20,1\n"
