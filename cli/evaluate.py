@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from s3diff_serve.cli.arguments import positive_int
+
 METHODS = ("s3diff", "bicubic", "realesrgan")
 
 
@@ -25,13 +27,6 @@ def _crop(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="measure S3Diff and baselines on the photo corpus")
     parser.add_argument("--data", required=True, type=Path, metavar="DIR",
@@ -43,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--degradation", choices=["clean", "realistic"], default="clean",
                         help="clean: bicubic x1/4; realistic: seeded Real-ESRGAN degradation (default clean)")
     parser.add_argument("--crop", type=_crop, default=512, help="HR centre crop side, multiple of 4 (default 512)")
-    parser.add_argument("--limit", type=_positive_int, help="only the first N photos (by id)")
+    parser.add_argument("--limit", type=positive_int, help="only the first N photos (by id)")
     parser.add_argument("--split", choices=["train", "validation"], default="validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the realistic degradation (default 0)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")

@@ -8,6 +8,8 @@ import glob
 import sys
 from pathlib import Path
 
+from s3diff_serve.cli.arguments import positive_int
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 OUTPUT_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -17,13 +19,6 @@ def _tile_size(text: str) -> int:
     value = int(text)
     if value < 32 or value % 8:
         raise argparse.ArgumentTypeError(f"must be a multiple of 8 and at least 32, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
@@ -56,9 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp16 on cuda, fp32 on cpu")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--scale", type=_scale, help="output scale in [1, 8] (default 4, the model's own)")
-    size.add_argument("--longest-side", type=_positive_int, help="output longest side in pixels")
-    parser.add_argument("--width", type=_positive_int, help="output width (alone: keeps the aspect ratio)")
-    parser.add_argument("--height", type=_positive_int, help="output height (alone: keeps the aspect ratio)")
+    size.add_argument("--longest-side", type=positive_int, help="output longest side in pixels")
+    parser.add_argument("--width", type=positive_int, help="output width (alone: keeps the aspect ratio)")
+    parser.add_argument("--height", type=positive_int, help="output height (alone: keeps the aspect ratio)")
     parser.add_argument("--format", choices=["png", "jpeg", "webp"],
                         help="default: from the output file name, else JPEG for JPEG input and PNG otherwise")
     parser.add_argument("--quality", type=int, choices=range(1, 101), metavar="1..100", help="JPEG/WebP quality (95)")

@@ -94,6 +94,9 @@ class ModelSource(Section):
     # From scratch (the built-in demo model): every weight trains, the estimator included, starting
     # from the preset's seeded random weights; no released files are read or written.
     train_all: bool = False
+    # train_all only: start from these merged weights (e.g. model/builtin/demo, to train the demo
+    # further on a machine without the run's checkpoints) instead of random ones.
+    init_merged: Path | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":
@@ -224,7 +227,7 @@ class TrainConfig(BaseSettings):
         return cls(**_resolve_paths(values, path.parent))
 
 
-PATH_KEYS = {"output_dir", "sd_turbo_dir", "de_net_pth", "init_s3diff_pkl", "hr_dirs", "face_dirs",
+PATH_KEYS = {"output_dir", "sd_turbo_dir", "de_net_pth", "init_s3diff_pkl", "init_merged", "hr_dirs", "face_dirs",
              "dino_path", "resume_from"}
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from s3diff_serve.model.checkpoints import encode_prompts, load_de_net_into, load_release, load_sd_turbo, read_scheduler_config
+from s3diff_serve.model.checkpoints import (
+    encode_prompts, load_de_net_into, load_merged, load_release, load_sd_turbo, read_scheduler_config,
+)
 from s3diff_serve.model.config import NEGATIVE_PROMPT, POSITIVE_PROMPT, PRESETS, SCHEDULER_CONFIG
 from s3diff_serve.model.s3diff import S3DiffModel
 
@@ -77,8 +79,12 @@ def scratch_model(source: ModelSource, seed: int) -> S3DiffModel:
 
 def build_trainable_model(files: BaseFiles | None, source: ModelSource, seed: int = 0) -> S3DiffModel:
     if files is None:
+        model = scratch_model(source, seed)
+        if source.init_merged is not None:
+            start, _ = load_merged(source.init_merged)
+            model.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
         # peft's add_adapter froze the base weights; from scratch, they train too.
-        return scratch_model(source, seed).requires_grad_(True).train()
+        return model.requires_grad_(True).train()
     if files.init_s3diff_pkl is not None:
         model = load_release(files.sd_turbo_dir, files.init_s3diff_pkl, files.de_net_pth)
     else:

@@ -131,3 +131,15 @@ def test_a_resumed_run_drops_the_log_rows_past_its_checkpoint(tmp_path):
     log.write_text("step,total\n10,1\n20,1\n30,1\n")
     drop_rows_after(log, 20)
     assert log.read_text() == "step,total\n10,1\n20,1\n"
+
+
+def test_training_can_start_from_merged_weights(tmp_path):
+    from s3diff_serve.model.checkpoints import save_merged
+
+    source = ModelSource(preset="tiny", train_all=True, rank_unet=4, rank_vae=4)
+    trained = build_trainable_model(None, source, seed=5)
+    save_merged(trained, tmp_path / "merged", dtype="fp32")
+    again = build_trainable_model(None, source.model_copy(update={"init_merged": tmp_path / "merged"}), seed=0)
+    for (name, a), b in zip(trained.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(p.requires_grad for p in again.parameters())
