@@ -356,7 +356,8 @@ class MetricSuite:
         self.dists = DISTS(cache).to(self.device)
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255).to(self.device)
+        # np.array copies: decoded images are read-only arrays, which torch warns about
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(255).to(self.device)
 
     @torch.inference_mode()
     def __call__(self, sr: np.ndarray, hr: np.ndarray, border: int = 4) -> dict[str, float]:

