@@ -169,18 +169,10 @@ DEMO_LATENT_CHANNELS = 16  # factor-8 latent of a x4-upscaled input: 16 channels
 
 
 def demo_unet_config() -> dict[str, Any]:
-    """The built-in demo model's UNet: SD 2.1's block classes and count, small channels, trained
-    from scratch on a CPU (training/configs/demo.yaml)."""
-    cfg = sd_turbo_unet_config()
-    cfg.update(
-        sample_size=16,
-        in_channels=DEMO_LATENT_CHANNELS,
-        out_channels=DEMO_LATENT_CHANNELS,
-        block_out_channels=[32, 64, 64, 64],
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=[1, 2, 2, 2],
-    )
+    """The built-in demo model's UNet: the tiny preset's blocks over the demo's 16-channel latent,
+    trained from scratch on a CPU (training/configs/demo.yaml)."""
+    cfg = tiny_unet_config()
+    cfg.update(sample_size=16, in_channels=DEMO_LATENT_CHANNELS, out_channels=DEMO_LATENT_CHANNELS)
     return cfg
 
 

@@ -52,26 +52,25 @@ class ModulationHead(nn.Module):
         return self.fuse_mlp(fused).reshape(batch, blocks, self.rank, self.rank)
 
 
-def unet_block_id(layer_name: str) -> int:
-    """down_blocks.i -> i, mid_block -> 4, up_blocks.i -> 5+i, anything else -> 9."""
-    parts = layer_name.split(".")
+def _block_id(parts: list[str], other: int, up_offset: int | None = None) -> int:
+    """down_blocks.i -> i, mid_block -> 4, up_blocks.i -> up_offset+i (when counted), else `other`."""
     if parts[0] == "down_blocks":
         return int(parts[1])
     if parts[0] == "mid_block":
         return 4
-    if parts[0] == "up_blocks":
-        return 5 + int(parts[1])
-    return 9
+    if parts[0] == "up_blocks" and up_offset is not None:
+        return up_offset + int(parts[1])
+    return other
+
+
+def unet_block_id(layer_name: str) -> int:
+    """down_blocks.i -> i, mid_block -> 4, up_blocks.i -> 5+i, anything else -> 9."""
+    return _block_id(layer_name.split("."), other=9, up_offset=5)
 
 
 def vae_block_id(layer_name: str) -> int:
     """encoder.down_blocks.i -> i, encoder.mid_block -> 4, anything else -> 5."""
-    parts = layer_name.split(".")
-    if parts[1] == "down_blocks":
-        return int(parts[2])
-    if parts[1] == "mid_block":
-        return 4
-    return 5
+    return _block_id(layer_name.split(".")[1:], other=5)
 
 
 @dataclass
