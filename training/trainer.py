@@ -164,7 +164,8 @@ class Trainer:
         with torch.set_grad_enabled(self.config.losses.estimator_weight > 0):
             estimated = raw.estimate(batch.lowres)  # the estimator reads the LR before upscaling
         if self.config.losses.estimator_weight > 0:
-            applied = torch.stack([batch.blur_score, batch.noise_score], dim=1)[:, [BLUR_INDEX, NOISE_INDEX]]
+            applied = torch.empty_like(estimated)
+            applied[:, BLUR_INDEX], applied[:, NOISE_INDEX] = batch.blur_score, batch.noise_score
             estimator_loss = F.mse_loss(estimated, applied)
         if self.config.scores_from == "applied":
             blur, noise = batch.blur_score, batch.noise_score
