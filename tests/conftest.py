@@ -38,3 +38,23 @@ def tiny_pipeline(tiny_merged_dir):
     from s3diff_serve.model import S3DiffPipeline
 
     return S3DiffPipeline.from_merged(tiny_merged_dir, device="cpu", dtype="fp32")
+
+
+_LOADED_PIPELINES: dict = {}
+
+
+@pytest.fixture()
+def load_weights_once(monkeypatch):
+    """Commands load their weights on every call; keep the first load of each (folder, device,
+    dtype) for later calls so the suite pays for loading and warm-up once (loading itself is the
+    model package's own test)."""
+    from s3diff_serve.model import S3DiffPipeline
+
+    load = S3DiffPipeline.from_merged.__func__
+
+    def from_merged_once(cls, merged_dir=None, device=None, dtype=None):
+        key = (str(merged_dir), device, dtype)
+        if key not in _LOADED_PIPELINES:
+            _LOADED_PIPELINES[key] = load(cls, merged_dir, device, dtype)
+        return _LOADED_PIPELINES[key]
+    monkeypatch.setattr(S3DiffPipeline, "from_merged", classmethod(from_merged_once))

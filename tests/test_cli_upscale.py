@@ -15,21 +15,9 @@ from s3diff_serve.model import S3DiffPipeline
 from s3diff_serve.model.image_io import decode_image
 
 
-_LOADED: dict = {}
-
-
 @pytest.fixture(autouse=True)
-def load_weights_once(monkeypatch):
-    """Each CLI call loads the weights; keep the first load of each folder for the later calls so
-    the suite pays for warm-up once (the loading itself is the model package's own test)."""
-    load = S3DiffPipeline.from_merged.__func__
-
-    def from_merged_once(cls, merged_dir, device=None, dtype=None):
-        key = (str(merged_dir), device, dtype)
-        if key not in _LOADED:
-            _LOADED[key] = load(cls, merged_dir, device, dtype)
-        return _LOADED[key]
-    monkeypatch.setattr(S3DiffPipeline, "from_merged", classmethod(from_merged_once))
+def _weights_loaded_once(load_weights_once):
+    """Every CLI call here reuses the first load of its weights (tests/conftest.py)."""
 
 
 def _run(capsys, *argv) -> tuple[int, str]:

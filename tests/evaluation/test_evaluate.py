@@ -49,21 +49,10 @@ class FakeSuite:
                 "dists": gap / 2, "niqe": float(sr.std())}
 
 
-_PIPELINES: dict = {}
-
-
 @pytest.fixture(autouse=True)
-def cheap(monkeypatch):
+def cheap(monkeypatch, load_weights_once):
     """Fake metrics (the real suite has its own tests) and one weights load per folder."""
     monkeypatch.setattr(metrics, "MetricSuite", FakeSuite)
-    load = S3DiffPipeline.from_merged.__func__
-
-    def from_merged_once(cls, merged_dir, device=None, dtype=None):
-        key = (str(merged_dir), device, dtype)
-        if key not in _PIPELINES:
-            _PIPELINES[key] = load(cls, merged_dir, device, dtype)
-        return _PIPELINES[key]
-    monkeypatch.setattr(S3DiffPipeline, "from_merged", classmethod(from_merged_once))
 
 
 @pytest.fixture(scope="module")
