@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from s3diff_serve.cli.arguments import positive_int
-
-METHODS = ("s3diff", "bicubic", "realesrgan")
+from s3diff_serve.evaluation import DEGRADATIONS, METHODS
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -35,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="merged S3Diff weights (default: the built-in demo model, as `s3diff upscale`)")
     parser.add_argument("--methods", type=_methods, default=METHODS,
                         help=f"comma-separated (default {','.join(METHODS)})")
-    parser.add_argument("--degradation", choices=["clean", "realistic"], default="clean",
+    parser.add_argument("--degradation", choices=DEGRADATIONS, default="clean",
                         help="clean: bicubic x1/4; realistic: seeded Real-ESRGAN degradation (default clean)")
     parser.add_argument("--crop", type=_crop, default=512, help="HR centre crop side, multiple of 4 (default 512)")
     parser.add_argument("--limit", type=positive_int, help="only the first N photos (by id)")

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from s3diff_serve.evaluation import DEGRADATIONS, METHODS
 from s3diff_serve.evaluation.cache import MissingWeightsError
 
 SCALE = 4
-METHODS = ("s3diff", "bicubic", "realesrgan")
-DEGRADATIONS = ("clean", "realistic")
 LABELS = {"bicubic": "bicubic", "realesrgan": "Real-ESRGAN", "s3diff": "S3Diff (ours)"}
 
 Method = Callable[[np.ndarray], np.ndarray]  # uint8 HxWx3 LR -> uint8 4Hx4Wx3
