@@ -8,7 +8,8 @@ import glob
 import sys
 from pathlib import Path
 
-from s3diff_serve.cli.arguments import positive_int
+from s3diff_serve.model.config import validate_tile_size
+from s3diff_serve.model.options import COLOR_FIXES, OUTPUT_FORMATS, UpscaleOptions
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -16,24 +17,14 @@ OUTPUT_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp"
 
 
 def _tile_size(text: str) -> int:
-    value = int(text)
-    if value < 32 or value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8 and at least 32, got {value}")
-    return value
+    try:
+        return validate_tile_size(int(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def _scale(text: str) -> float:
-    value = float(text)
-    if not 1.0 <= value <= 8.0:
-        raise argparse.ArgumentTypeError(f"must be in [1, 8], got {value}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+def _described(name: str) -> str:
+    return UpscaleOptions.model_fields[name].description or name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,20 +34,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="output file (one input) or folder (created when missing)")
     parser.add_argument("--weights", type=Path, metavar="MERGED_DIR",
                         help="merged weights folder (default: the built-in demo model)")
-    parser.add_argument("--noise", type=_unit_interval, help="noise score in [0, 1] (default: estimated)")
-    parser.add_argument("--blur", type=_unit_interval, help="blur score in [0, 1] (default: estimated)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default 1.07; 1 = no negative prompt)")
-    parser.add_argument("--color-fix", default="wavelet", choices=["wavelet", "adain", "none"])
+    # The upscale knobs: names, ranges and help text come from the request contract
+    # (UpscaleOptions); values are checked by it in `run`.
+    parser.add_argument("--noise", type=float, help=_described("noise"))
+    parser.add_argument("--blur", type=float, help=_described("blur"))
+    parser.add_argument("--guidance", type=float, dest="guidance_scale", help=_described("guidance_scale"))
+    parser.add_argument("--color-fix", default="wavelet", choices=COLOR_FIXES, help=_described("color_fix"))
+    parser.add_argument("--scale", type=float, help=_described("scale"))
+    parser.add_argument("--longest-side", type=int, help=_described("longest_side"))
+    parser.add_argument("--width", type=int, help=_described("width"))
+    parser.add_argument("--height", type=int, help=_described("height"))
+    parser.add_argument("--format", choices=OUTPUT_FORMATS,
+                        help="default: from the output file name, else JPEG for JPEG input and PNG otherwise")
+    parser.add_argument("--quality", type=int, help=_described("quality"))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp16 on cuda, fp32 on cpu")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--scale", type=_scale, help="output scale in [1, 8] (default 4, the model's own)")
-    size.add_argument("--longest-side", type=positive_int, help="output longest side in pixels")
-    parser.add_argument("--width", type=positive_int, help="output width (alone: keeps the aspect ratio)")
-    parser.add_argument("--height", type=positive_int, help="output height (alone: keeps the aspect ratio)")
-    parser.add_argument("--format", choices=["png", "jpeg", "webp"],
-                        help="default: from the output file name, else JPEG for JPEG input and PNG otherwise")
-    parser.add_argument("--quality", type=int, choices=range(1, 101), metavar="1..100", help="JPEG/WebP quality (95)")
     parser.add_argument("--tile-size", type=_tile_size, help="latent tile side (default: from free GPU memory, 96 on cpu)")
     parser.set_defaults(handler=run)
 
@@ -104,8 +96,11 @@ def run(args: argparse.Namespace) -> int:
     from s3diff_serve.model import S3DiffPipeline
     from s3diff_serve.model.errors import S3DiffError
 
-    if (args.width or args.height) and (args.scale or args.longest_side):
-        print("error: give only one of --scale, --width/--height, --longest-side", file=sys.stderr)
+    try:
+        options = UpscaleOptions.parse(**{name: getattr(args, name) for name in UpscaleOptions.model_fields
+                                          if name != "format"})
+    except S3DiffError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     inputs, unmatched = expand_inputs(args.inputs)
     for pattern in unmatched:
@@ -122,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(inputs), unit="image", disable=None, file=sys.stderr) as images_bar:
         for source, (stem_path, forced_format) in output_plan(inputs, args.output, args.format).items():
             try:
-                written = upscale_file(pipe, source, stem_path, forced_format, args)
+                target = args.output if stem_path is None else stem_path  # None: `output` is the file
+                written = upscale_file(pipe, source, target, stem_path is None, forced_format, options, args.tile_size)
                 tqdm.write(f"{source} -> {written}", file=sys.stderr)
             except (S3DiffError, OSError) as err:
                 failures += 1
@@ -131,27 +127,26 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def upscale_file(pipe, source: Path, stem_path: Path | None, forced_format: str | None,
-                 args: argparse.Namespace) -> Path:
-    """Decode, upscale x4, resample to the requested size, encode like the source; returns the path written."""
+def upscale_file(pipe, source: Path, target: Path, exact: bool, forced_format: str | None, options,
+                 tile_size: int | None) -> Path:
+    """Decode, upscale (to the options' size), encode like the source into `target` (`exact`: that
+    file; else that stem plus the format's suffix); returns the path written."""
     from tqdm import tqdm
 
     from s3diff_serve.model.image_io import decode_image, encode_like, output_format_for
-    from s3diff_serve.model.output_size import resample, resolve_output_size
 
     decoded = decode_image(source)
-    size = resolve_output_size(decoded.size, scale=args.scale, width=args.width, height=args.height,
-                               longest_side=args.longest_side)
+    pipe.plan(*decoded.size, options, tile_size)  # an impossible output size fails before any work
     fmt = output_format_for(decoded.source_format, forced_format)
-    target = args.output if stem_path is None else stem_path.with_name(stem_path.name + FORMAT_SUFFIXES[fmt])
+    if not exact:
+        target = target.with_name(target.name + FORMAT_SUFFIXES[fmt])
     with tqdm(unit="tile", leave=False, disable=None, file=sys.stderr, position=1) as tiles_bar:
         def on_progress(done: int, total: int) -> None:
             tiles_bar.total = total
             tiles_bar.n = done
             tiles_bar.refresh()
-        result = pipe.enhance(decoded.rgb[None], noise=args.noise, blur=args.blur, guidance_scale=args.guidance,
-                              color_fix=args.color_fix, tile_size=args.tile_size, progress=on_progress)
-    encoded = encode_like(resample(result.images[0], size), decoded, format=fmt, quality=args.quality)
+        result = pipe.enhance(decoded.rgb[None], options, tile_size=tile_size, progress=on_progress)
+    encoded = encode_like(result.images[0], decoded, format=fmt, quality=options.quality)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(encoded)
     return target

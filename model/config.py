@@ -14,10 +14,20 @@ NEGATIVE_PROMPT = (
 )
 DEFAULT_GUIDANCE = 1.07  # reference code (the paper says 1.1)
 TIMESTEP = 999
-SCALE = 4
+SCALE = 4  # the model always works at x4; other output sizes resample its output
+MIN_SCALE = 1.0  # SR never shrinks
+MAX_SCALE = 8.0  # past x8 the x4 output would be stretched more than 2x by a plain filter
 LATENT_FACTOR = 8
 PAD_MULTIPLE = 64
-COLOR_FIXES = ("wavelet", "adain", "none")
+DEFAULT_TILE = 96  # latent tile side (768 image pixels), as the reference
+MIN_TILE = 32
+
+
+def validate_tile_size(tile: int) -> int:
+    """A latent tile side must be a multiple of the latent factor and at least MIN_TILE."""
+    if tile < MIN_TILE or tile % LATENT_FACTOR:
+        raise ValueError(f"tile size must be a multiple of {LATENT_FACTOR} and at least {MIN_TILE}, got {tile}")
+    return tile
 
 UNET_LORA_TARGETS = [
     "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut",
@@ -46,10 +56,10 @@ SCHEDULER_CONFIG = {
 @dataclass
 class TilingConfig:
     """Tiling defaults (docs/model.md, "Tiling"): one latent tile side drives all three stages
-    (the VAE works on the same tiles, x8 in pixels); the overlap is a third of the tile."""
+    (the VAE works on the same tiles, x8 in pixels); the overlap follows from it (a third,
+    `tiling.overlap_for`)."""
 
-    latent_tile: int = 96
-    latent_overlap: int = 32
+    latent_tile: int = DEFAULT_TILE
 
 
 @dataclass

@@ -8,6 +8,7 @@ with OpenCV and 16-bit PNGs are written with pypng, which also frames the iCCP c
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +17,14 @@ import cv2
 import numpy as np
 import png
 import torch
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, TiffImagePlugin
 
 from s3diff_serve.model.errors import CorruptImageError, ImageTooLargeError, InvalidInputError, UnsupportedImageError
+from s3diff_serve.model.options import OUTPUT_FORMATS
 from s3diff_serve.model.output_size import resample
 
 # Formats we accept, as Pillow names them (MPO: the multi-picture JPEG many phones write).
 INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp"}
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DEFAULT_QUALITY = 95
 # Header-declared pixel limit checked before any pixel is decoded (the decompression-bomb guard).
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -53,6 +54,8 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PI
     """Decode a file path or bytes. Raises UnsupportedImageError, CorruptImageError, ImageTooLargeError."""
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
     sniffed = _sniff_format(data)
+    if sniffed == "TIFF" and (tags := _float_tiff_tags(data)) is not None:
+        return _decode_float_tiff(data, tags, max_pixels)
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
@@ -80,15 +83,61 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PI
     if pixels.shape[:2] != (height, width):
         raise CorruptImageError(f"decoded {pixels.shape[1]}x{pixels.shape[0]} pixels, header says {width}x{height}")
 
+    return _decoded(pixels, orientation, grayscale, has_alpha, icc_profile, INPUT_FORMATS[image.format])
+
+
+def _decoded(pixels: np.ndarray, orientation: int, grayscale: bool, has_alpha: bool, icc_profile: bytes | None,
+             source_format: str) -> DecodedImage:
+    """(H, W, C) uint8, uint16 or float32-in-[0, 1] pixels -> DecodedImage (8-bit sources write
+    8-bit outputs; 16-bit and float ones write 16-bit)."""
     pixels = _apply_orientation(pixels, orientation)
-    peak = 65535.0 if pixels.dtype == np.uint16 else 255.0
+    peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(pixels.dtype, 1.0)
     planes = torch.from_numpy(pixels.astype(np.float32) / peak).permute(2, 0, 1)
     color = planes[:1].expand(3, -1, -1).clone() if grayscale else planes[:3].clone()
     alpha = planes[-1].clone() if has_alpha else None
     if icc_profile is not None and not _profile_fits(icc_profile, grayscale):
         icc_profile = None
-    return DecodedImage(color, alpha, grayscale, 16 if pixels.dtype == np.uint16 else 8, icc_profile,
-                        INPUT_FORMATS[image.format])
+    return DecodedImage(color, alpha, grayscale, 8 if pixels.dtype == np.uint8 else 16, icc_profile, source_format)
+
+
+# TIFF tags read for floating-point files (TIFF 6.0 numbering).
+_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_ORIENTATION, _TIFF_SAMPLE_FORMAT, _TIFF_ICC = 256, 257, 274, 339, 34675
+_IEEE_FLOAT = 3
+
+
+def _float_tiff_tags(data: bytes) -> dict | None:
+    """The first directory's tags of a TIFF whose samples are IEEE floats, else None. Read with
+    Pillow's tag parser: Pillow opens 32-bit float gray but refuses float RGB, so the header is
+    needed before choosing a decoder (and to check the pixel limit before decoding)."""
+    try:
+        tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        stream = io.BytesIO(data)
+        stream.seek(tags.next)
+        tags.load(stream)
+    except (OSError, SyntaxError, ValueError, struct.error):
+        return None  # Pillow's own open reports the corrupt file
+    return dict(tags) if _IEEE_FLOAT in tags.get(_TIFF_SAMPLE_FORMAT, ()) else None
+
+
+def _decode_float_tiff(data: bytes, tags: dict, max_pixels: int) -> DecodedImage:
+    """A 32-bit float TIFF (gray, gray+alpha, RGB or RGBA), samples taken as [0, 1] (the usual
+    convention of float images; values outside are clipped, NaN becomes 0), via OpenCV."""
+    width, height = int(tags.get(_TIFF_WIDTH, 0)), int(tags.get(_TIFF_HEIGHT, 0))
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.shape[:2] != (height, width):
+        raise UnsupportedImageError("this floating-point TIFF variant cannot be decoded; save it as 8- or 16-bit")
+    if pixels.dtype != np.float32:
+        raise UnsupportedImageError(f"{pixels.dtype} TIFF samples are not supported; save the image as 8- or 16-bit")
+    pixels = np.nan_to_num(pixels, nan=0.0).clip(0.0, 1.0)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    channels = pixels.shape[2]
+    if channels >= 3:  # OpenCV returns BGR(A)
+        pixels = pixels[..., [2, 1, 0, 3][:channels]]
+    icc_profile = tags.get(_TIFF_ICC) or None
+    return _decoded(np.ascontiguousarray(pixels), int(tags.get(_TIFF_ORIENTATION, 1)), channels <= 2,
+                    channels in (2, 4), bytes(icc_profile) if icc_profile else None, "tiff")
 
 
 def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -199,8 +248,6 @@ def _decode_with_pillow(image: Image.Image) -> tuple[np.ndarray, bool, bool]:
         return np.asarray(image.convert("L"))[..., None], True, False
     if mode in ("LA", "La"):
         return np.asarray(image.convert("LA")), True, True
-    if mode == "F":
-        raise UnsupportedImageError("floating-point images are not supported")
     has_alpha = mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in image.info)
     return np.asarray(image.convert("RGBA" if has_alpha else "RGB")), False, has_alpha
 

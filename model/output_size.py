@@ -9,11 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from s3diff_serve.model.config import MAX_SCALE, MIN_SCALE, SCALE
 from s3diff_serve.model.errors import InvalidInputError
-
-MODEL_SCALE = 4
-MIN_SCALE = 1.0
-MAX_SCALE = 8.0
 
 
 def resolve_output_size(
@@ -56,7 +53,7 @@ def resolve_output_size(
         out_h, out_w = (int(longest_side), max(1, round(in_w * factor))) if in_h >= in_w else (
             max(1, round(in_h * factor)), int(longest_side))
     else:
-        factor = float(MODEL_SCALE if scale is None else scale)
+        factor = float(SCALE if scale is None else scale)
         if not MIN_SCALE <= factor <= MAX_SCALE:
             raise InvalidInputError(f"scale must be in [{MIN_SCALE:g}, {MAX_SCALE:g}], got {factor:g}")
         return max(1, round(in_h * factor)), max(1, round(in_w * factor))

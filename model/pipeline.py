@@ -18,14 +18,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .builtin import resolve_weights
+from .degradation_estimator import BLUR_INDEX, NOISE_INDEX
 from .checkpoints import DTYPES, load_merged, load_release
 from .color_fix import color_fix as apply_color_fix
-from .config import COLOR_FIXES, LATENT_FACTOR, PAD_MULTIPLE, SCALE, MergedConfig
+from .config import LATENT_FACTOR, PAD_MULTIPLE, SCALE, MergedConfig
 from .errors import InvalidInputError, NonFiniteOutputError
+from .options import SCORE_RANGE, UpscaleOptions
+from .output_size import resample
 from .s3diff import S3DiffModel
 from .tiling import (
-    choose_tile_size, estimator_view, run_with_oom_retry, stage_tile_counts, tiled_unet, tiled_vae_decode,
-    tiled_vae_encode,
+    choose_tile_size, count_tiles, estimator_view, overlap_for, run_with_oom_retry, stage_tile_counts, tiled_unet,
+    tiled_vae_decode, tiled_vae_encode,
 )
 
 ScoreOverride = float | Sequence[float | None] | None
@@ -36,6 +39,38 @@ Progress = Callable[[int, int], None]
 class DegradationScores:
     noise: torch.Tensor
     blur: torch.Tensor
+
+
+@dataclass(frozen=True)
+class UpscalePlan:
+    """What one upscale will cost and how it runs, on this pipeline's device, before it runs:
+    the geometry every caller (limits, queue cost, batching, progress) reads instead of
+    re-deriving it."""
+
+    input_size: tuple[int, int]  # (height, width)
+    output_size: tuple[int, int]  # after the options' resize of the x4 result
+    model_size: tuple[int, int]  # the x4 image the model makes
+    padded_size: tuple[int, int]  # model_size reflect-padded to PAD_MULTIPLE: what the VAE sees
+    latent_size: tuple[int, int]  # padded_size / LATENT_FACTOR
+    tile: int  # latent tile side; an image with both latent sides <= tile runs untiled
+    tiles: int  # tiles per stage (1 = untiled)
+    batch_key: tuple | None  # equal keys may run as one pipeline call; None: runs alone (tiled)
+
+    @property
+    def tiled(self) -> bool:
+        return self.tiles > 1
+
+    @property
+    def work_pixels(self) -> int:
+        """The cost: image pixels the encoder and decoder process, padding and tile overlaps
+        included (a 1x2000 input is 4x8000 model pixels but 64x8000 padded ones)."""
+        tile_h, tile_w = (min(self.tile, side) for side in self.latent_size)
+        return self.tiles * tile_h * tile_w * LATENT_FACTOR * LATENT_FACTOR
+
+    @property
+    def work_units(self) -> int:
+        """Progress units: encoder, UNet and decoder tiles."""
+        return 3 * self.tiles
 
 
 @dataclass
@@ -101,9 +136,10 @@ def _per_sample(value: ScoreOverride, batch: int, name: str) -> list[float | Non
     values = [value] * batch if value is None or isinstance(value, (int, float)) else list(value)
     if len(values) != batch:
         raise InvalidInputError(f"{name}: got {len(values)} values for a batch of {batch}")
+    low, high = SCORE_RANGE
     for item in values:
-        if item is not None and not (0.0 <= float(item) <= 1.0):
-            raise InvalidInputError(f"{name} must be in [0, 1], got {item}")
+        if item is not None and not (low <= float(item) <= high):
+            raise InvalidInputError(f"{name} must be in [{low:g}, {high:g}], got {item}")
     return values
 
 
@@ -183,39 +219,72 @@ class S3DiffPipeline:
     @torch.inference_mode()
     def estimate(self, images) -> DegradationScores:
         scores = self.model.estimate(estimator_view(self.to_tensor(images)))
-        return DegradationScores(noise=scores[:, 1].cpu(), blur=scores[:, 0].cpu())
+        return DegradationScores(noise=scores[:, NOISE_INDEX].cpu(), blur=scores[:, BLUR_INDEX].cpu())
 
     def _scores(self, lowres: torch.Tensor, noise: ScoreOverride, blur: ScoreOverride) -> tuple[torch.Tensor, torch.Tensor]:
         batch = lowres.shape[0]
         noise_values, blur_values = _per_sample(noise, batch, "noise"), _per_sample(blur, batch, "blur")
         if None in noise_values or None in blur_values:
             estimated = self.model.estimate(estimator_view(lowres))
-            noise_values = [estimated[i, 1].item() if v is None else v for i, v in enumerate(noise_values)]
-            blur_values = [estimated[i, 0].item() if v is None else v for i, v in enumerate(blur_values)]
+            noise_values = [estimated[i, NOISE_INDEX].item() if v is None else v for i, v in enumerate(noise_values)]
+            blur_values = [estimated[i, BLUR_INDEX].item() if v is None else v for i, v in enumerate(blur_values)]
         as_tensor = lambda values: torch.tensor([float(v) for v in values], device=self.device)  # noqa: E731
         return as_tensor(noise_values), as_tensor(blur_values)
+
+    @torch.inference_mode()
+    def plan(self, height: int, width: int, options: UpscaleOptions | None = None,
+             tile_size: int | None = None) -> UpscalePlan:
+        """How an input of (height, width) would run with `options` here (see UpscalePlan).
+        Raises InvalidInputError for an impossible output size or tile size."""
+        options = options or UpscaleOptions()
+        output_size = options.output_size((height, width))
+        model_size = (height * SCALE, width * SCALE)
+        padded_size = tuple(-(-side // PAD_MULTIPLE) * PAD_MULTIPLE for side in model_size)
+        latent_size = tuple(side // LATENT_FACTOR for side in padded_size)
+        tile = self._tile(tile_size)
+        tiles = count_tiles(*latent_size, tile, overlap_for(tile))
+        guidance = self.guidance_for(options)
+        # What one pipeline call shares: the input size, guidance, colour fix and output size;
+        # noise/blur may differ per sample. Tiled images run alone.
+        batch_key = None if tiles > 1 else ((height, width), guidance, options.color_fix, output_size)
+        return UpscalePlan((height, width), output_size, model_size, padded_size, latent_size, tile, tiles, batch_key)
+
+    def guidance_for(self, options: UpscaleOptions) -> float:
+        """The options' guidance scale, else the weights' default (1.07 for the released model)."""
+        return self.config.guidance_scale if options.guidance_scale is None else options.guidance_scale
+
+    def _tile(self, tile_size: int | None) -> int:
+        """The first latent tile side: `tile_size`, else the weights' configured tile on the CPU,
+        else (CUDA) the largest that fits the free memory."""
+        if tile_size is None and self.device.type != "cuda":
+            tile_size = self.config.tiling.latent_tile
+        try:
+            return choose_tile_size(self.device, self.dtype, tile_size)
+        except ValueError as err:
+            raise InvalidInputError(str(err)) from err
 
     @torch.inference_mode()
     def enhance(
         self,
         images,
+        options: UpscaleOptions | None = None,
         *,
         noise: ScoreOverride = None,
         blur: ScoreOverride = None,
-        guidance_scale: float | None = None,
-        color_fix: str = "wavelet",
         sample: bool = False,
         seed: int | None = None,
         progress: Progress | None = None,
         tile_size: int | None = None,
     ) -> EnhanceResult:
-        """`tile_size`: latent tile side (multiple of 8, >= 32); None picks it from free CUDA
-        memory (96 on the CPU). On CUDA out-of-memory the image is retried with smaller tiles."""
-        if color_fix not in COLOR_FIXES:
-            raise InvalidInputError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, got {color_fix!r}")
-        guidance = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if not np.isfinite(guidance):
-            raise InvalidInputError("guidance_scale must be finite")
+        """Upscale a batch of same-size images with `options` (UpscaleOptions; the default is x4
+        with estimated scores). `noise`/`blur` override the options' scores per sample (a value
+        or one per image, None = estimate). `tile_size`: latent tile side (multiple of 8, >= 32);
+        None picks it from free CUDA memory (the weights' tile on the CPU). On CUDA
+        out-of-memory the image is retried with smaller tiles."""
+        options = options or UpscaleOptions()
+        noise = options.noise if noise is None else noise
+        blur = options.blur if blur is None else blur
+        guidance = self.guidance_for(options)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -233,15 +302,11 @@ class S3DiffPipeline:
         upscaled = self.upscale(lowres)
         height, width = upscaled.shape[-2:]
         image_norm = pad_to_multiple((upscaled * 2 - 1).clamp(-1, 1))
-        self.model.set_degradation(blur_scores, noise_scores)
+        self.model.set_degradation(blur=blur_scores, noise=noise_scores)
         one_modulation = bool((noise_scores == noise_scores[0]).all() and (blur_scores == blur_scores[0]).all())
         generator = torch.Generator(self.device).manual_seed(seed) if sample and seed is not None else None
-        try:
-            if tile_size is None and self.device.type != "cuda":
-                tile_size = self.config.tiling.latent_tile  # CUDA picks it from free memory
-            first_tile = choose_tile_size(self.device, self.dtype, tile_size)
-        except ValueError as err:
-            raise InvalidInputError(str(err)) from err
+        output_size = options.output_size(tuple(lowres.shape[-2:]))
+        first_tile = self._tile(tile_size)
 
         def run_stages(tile: int) -> torch.Tensor:
             total, done = stage_tile_counts(image_norm.shape[-2] // LATENT_FACTOR, image_norm.shape[-1] // LATENT_FACTOR, tile), 0
@@ -261,13 +326,17 @@ class S3DiffPipeline:
             return decoded
 
         decoded = run_with_oom_retry(run_stages, first_tile)[..., :height, :width]
-        output = apply_color_fix(decoded * 0.5 + 0.5, upscaled, color_fix)
+        output = apply_color_fix(decoded * 0.5 + 0.5, upscaled, options.color_fix)
         lap("color_fix")
         if not torch.isfinite(output).all():
             raise NonFiniteOutputError(f"non-finite values in the output ({self.dtype}); retry in fp32")
+        output = output.float().cpu()
+        if tuple(output.shape[-2:]) != output_size:
+            output = resample(output, output_size)
+            lap("resize")
         timings["total"] = time.perf_counter() - start
-        return EnhanceResult(output.float().cpu(), noise_scores.cpu(), blur_scores.cpu(), timings)
+        return EnhanceResult(output, noise_scores.cpu(), blur_scores.cpu(), timings)
 
     def warmup(self, size: int = 16) -> None:
         """One small pass so the first request does not pay for lazy initialisation."""
-        self.enhance(torch.full((1, 3, size, size), 0.5), noise=0.0, blur=0.0)
+        self.enhance(torch.full((1, 3, size, size), 0.5), UpscaleOptions(noise=0.0, blur=0.0))

@@ -19,11 +19,10 @@ from typing import Callable, TypeVar
 
 import torch
 
-from s3diff_serve.model.config import LATENT_FACTOR  # the VAE's spatial factor; tile starts stay on multiples of it
+# LATENT_FACTOR: the VAE's spatial factor; tile starts stay on multiples of it.
+from s3diff_serve.model.config import DEFAULT_TILE, LATENT_FACTOR, MIN_TILE, validate_tile_size
 from s3diff_serve.model.errors import TilingOutOfMemoryError
 
-DEFAULT_TILE = 96  # latent pixels (768 image pixels), as the reference
-MIN_TILE = 32
 GAUSSIAN_VARIANCE = 0.01
 # Peak CUDA bytes per latent pixel of a tile (the VAE decoder dominates: 512 channels at the
 # latent size, then 128-256 channels at 8x8 times that area). An estimate from the SD 2.x VAE's
@@ -42,12 +41,6 @@ T = TypeVar("T")
 def overlap_for(tile: int) -> int:
     """The overlap that goes with a tile size: a third, on the latent grid (96 -> 32, 48 -> 16)."""
     return max(LATENT_FACTOR, tile // 3 // LATENT_FACTOR * LATENT_FACTOR)
-
-
-def validate_tile_size(tile: int) -> int:
-    if tile < MIN_TILE or tile % LATENT_FACTOR:
-        raise ValueError(f"tile size must be a multiple of {LATENT_FACTOR} and at least {MIN_TILE}, got {tile}")
-    return tile
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -35,6 +35,7 @@ class Outcome:
 class _Item:
     payload: Any
     key: Hashable | None  # None: never shares a batch (tiled images, jobs)
+    cost: float  # relative work (the pipeline plan's padded pixels), for Retry-After
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.perf_counter)
     queue_wait: float = 0.0
@@ -52,7 +53,9 @@ class Batcher:
         self._accepting = True
         # One thread: all model work of this worker is serialised on it.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._batch_seconds = 1.0  # running estimate of one batch's duration, for Retry-After
+        # Running estimate of seconds per unit of cost, for Retry-After; None until a batch ran.
+        self._seconds_per_cost: float | None = None
+        self._running_cost = 0.0
         self._scheduler: asyncio.Task | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -92,14 +95,18 @@ class Batcher:
         return self._accepting
 
     def retry_after_s(self) -> int:
-        """Estimated seconds until a new request would start: the batches ahead plus the running one."""
-        batches_ahead = math.ceil(self.depth / self.max_batch) + 1
-        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+        """Estimated seconds until a new request would start: the work queued ahead plus the
+        running batch, each priced by its cost (padded pixels: a tall thin image costs what its
+        padding costs); 1 s per request until a first batch has been timed."""
+        if self._seconds_per_cost is None:
+            return max(1, self.depth + (1 if self._running_cost else 0))
+        work = sum(item.cost for item in self._queue) + self._running_cost
+        return max(1, math.ceil(work * self._seconds_per_cost))
 
     # --- submitting -----------------------------------------------------------------------------
-    async def submit(self, payload: Any, *, key: Hashable | None, timeout_s: float,
+    async def submit(self, payload: Any, *, key: Hashable | None, timeout_s: float, cost: float = 1.0,
                      client_gone: Callable[[], Awaitable[bool]] | None = None) -> Outcome:
-        """Queue one payload and wait for its result.
+        """Queue one payload (of relative work `cost`) and wait for its result.
 
         Raises ServiceError: 503 when draining, 429 (+ Retry-After) when the queue is full, 504
         past the deadline, 499 when `client_gone` says the client disconnected first. In the
@@ -112,7 +119,7 @@ class Batcher:
             wait = self.retry_after_s()
             raise ServiceError(429, "queue_full", f"{len(self._queue)} requests are waiting; retry in {wait} s",
                                {"Retry-After": str(wait)})
-        item = _Item(payload, key, asyncio.get_running_loop().create_future())
+        item = _Item(payload, key, cost, asyncio.get_running_loop().create_future())
         metrics.INFLIGHT.inc()
         self._queue.append(item)
         self._on_queue_change()
@@ -192,8 +199,12 @@ class Batcher:
             for item in batch:
                 item.queue_wait, item.batch_size = started - item.enqueued_at, len(batch)
                 metrics.QUEUE_WAIT.observe(item.queue_wait)
+            self._running_cost = sum(item.cost for item in batch)
             await self._run(batch)
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
+            per_cost = (time.perf_counter() - started) / max(self._running_cost, 1e-9)
+            self._seconds_per_cost = per_cost if self._seconds_per_cost is None else (
+                0.8 * self._seconds_per_cost + 0.2 * per_cost)
+            self._running_cost = 0.0
             if not self._queue:
                 self._idle.set()
 

@@ -8,40 +8,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Literal, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
-from s3diff_serve.model import NonFiniteOutputError, S3DiffPipeline
+from s3diff_serve.model import NonFiniteOutputError, S3DiffPipeline, UpscaleOptions, UpscalePlan
 from s3diff_serve.model.image_io import DecodedImage, decode_image, encode_like, output_format_for
-from s3diff_serve.model.output_size import resample, resolve_output_size
 from s3diff_serve.service.errors import ServiceError
 
-ColorFix = Literal["wavelet", "adain", "none"]
-OutputFormat = Literal["png", "jpeg", "webp"]
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class UpscaleOptions:
-    """The request's knobs, already range-checked by the route's declared types."""
-
-    scale: float = 4.0
-    noise: float | None = None
-    blur: float | None = None
-    guidance_scale: float | None = None
-    color_fix: ColorFix = "wavelet"
-    format: OutputFormat | None = None
-    quality: int | None = None
 
 
 @dataclass
 class UpscaleTask:
-    """One decoded request on its way to the model."""
+    """One decoded request on its way to the model, with the pipeline's plan for it."""
 
     image: DecodedImage
     options: UpscaleOptions
-    output_size: tuple[int, int]  # (height, width) after the optional resize of the x4 output
+    plan: UpscalePlan
     progress: Progress | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -57,27 +41,30 @@ class EstimateTask:
 class Prediction:
     """One sample of a batch's result."""
 
-    image: torch.Tensor  # (3, 4h, 4w) float32 in [0, 1]
+    image: torch.Tensor  # (3, H, W) float32 in [0, 1], already at the requested output size
     noise: float
     blur: float
     timings: dict[str, float]  # the batch's stage times (shared by its samples)
 
 
 # --- decode -------------------------------------------------------------------------------------
-def decode(data: bytes, options: UpscaleOptions, *, max_input_pixels: int, max_output_pixels: int) -> UpscaleTask:
-    """Bytes -> task. Typed model errors (corrupt, unsupported, too large) map to 4xx upstream."""
+def decode(data: bytes, options: UpscaleOptions, pipeline: S3DiffPipeline, *, max_input_pixels: int,
+           max_output_pixels: int) -> UpscaleTask:
+    """Bytes -> planned task. Typed model errors (corrupt, unsupported, too large, impossible
+    size) map to 4xx upstream. The output limit counts what the model really processes: the
+    larger of the output and the padded, tiled work (`UpscalePlan.work_pixels`)."""
     if not data:
         raise ServiceError(400, "empty_body", "the request carries no image bytes")
     started = time.perf_counter()
     image = decode_image(data, max_pixels=max_input_pixels)
-    height, width = image.size
-    output_size = resolve_output_size((height, width), scale=options.scale)
-    model_pixels = 16 * height * width  # the model's x4 output exists before any resize
-    if max(output_size[0] * output_size[1], model_pixels) > max_output_pixels:
+    plan = pipeline.plan(*image.size, options)
+    output_pixels = plan.output_size[0] * plan.output_size[1]
+    if max(output_pixels, plan.work_pixels) > max_output_pixels:
+        height, width = image.size
         raise ServiceError(413, "output_too_large",
-                           f"a {width}x{height} input at scale {options.scale:g} exceeds the output limit of "
-                           f"{max_output_pixels} pixels")
-    return UpscaleTask(image, options, output_size, timings={"image_read": time.perf_counter() - started})
+                           f"a {width}x{height} input makes {output_pixels} output pixels and {plan.work_pixels} "
+                           f"padded model pixels; the limit is {max_output_pixels}")
+    return UpscaleTask(image, options, plan, timings={"image_read": time.perf_counter() - started})
 
 
 def decode_for_estimate(data: bytes, *, max_input_pixels: int) -> EstimateTask:
@@ -88,21 +75,12 @@ def decode_for_estimate(data: bytes, *, max_input_pixels: int) -> EstimateTask:
 
 
 # --- batch --------------------------------------------------------------------------------------
-def batch_key(task: UpscaleTask, latent_tile: int) -> Hashable | None:
-    """Tasks with equal keys run as one pipeline call: the pipeline takes same-size batches with
-    one guidance scale and colour fix; noise/blur may differ (the LoRA modulation is per sample).
-    Images whose latent exceeds one tile are tiled by the pipeline instead, so they run alone.
-    Exact size rather than padded size: padding an input to share a batch would change its
-    border pixels, and a result should not depend on its batch-mates."""
-    height, width = task.image.size
-    if task.progress is not None or _latent_area(height, width) > latent_tile * latent_tile:
-        return None
-    return (height, width, task.options.guidance_scale, task.options.color_fix)
-
-
-def _latent_area(height: int, width: int) -> int:
-    """Latent pixels of the x4 image padded to a multiple of 64 (VAE factor 8)."""
-    return -(-4 * height // 64) * 8 * (-(-4 * width // 64) * 8)
+def batch_key(task: UpscaleTask) -> Hashable | None:
+    """The plan's batch signature (equal keys run as one untiled pipeline call; tiled images
+    run alone); jobs, which report progress, always run alone. Exact size rather than padded
+    size: padding an input to share a batch would change its border pixels, and a result should
+    not depend on its batch-mates."""
+    return None if task.progress is not None else task.plan.batch_key
 
 
 # --- predict ------------------------------------------------------------------------------------
@@ -131,16 +109,15 @@ class Predictor:
 
     @staticmethod
     def _run(pipeline: S3DiffPipeline, tasks: Sequence[UpscaleTask]) -> list[Prediction]:
-        first = tasks[0].options
-        if len(tasks) == 1 and tasks[0].progress is not None:
-            tasks[0].progress(0, 1)  # started; the pipeline reports its real unit count as it goes
+        progress = tasks[0].progress if len(tasks) == 1 else None
+        if progress is not None:
+            progress(0, tasks[0].plan.work_units)  # started
         result = pipeline.enhance(
             torch.stack([task.image.rgb for task in tasks]),
+            tasks[0].options,  # batch-mates share everything but noise/blur (batch_key)
             noise=[task.options.noise for task in tasks],
             blur=[task.options.blur for task in tasks],
-            guidance_scale=first.guidance_scale,
-            color_fix=first.color_fix,
-            progress=tasks[0].progress if len(tasks) == 1 else None,
+            progress=progress,
         )
         return [Prediction(result.images[i], float(result.noise[i]), float(result.blur[i]), dict(result.timings))
                 for i in range(len(tasks))]
@@ -155,10 +132,9 @@ class EncodedImage:
 
 
 def encode(task: UpscaleTask, prediction: Prediction) -> EncodedImage:
-    """Resize the x4 output to the requested size (Lanczos), then write it like the input."""
+    """Write the output (already at the requested size) like the input."""
     started = time.perf_counter()
-    rgb = resample(prediction.image, task.output_size)
     fmt = output_format_for(task.image.source_format, task.options.format)
-    body = encode_like(rgb, task.image, format=fmt, quality=task.options.quality)
+    body = encode_like(prediction.image, task.image, format=fmt, quality=task.options.quality)
     task.timings["image_write"] = time.perf_counter() - started
-    return EncodedImage(body, f"image/{fmt}", task.output_size)
+    return EncodedImage(body, f"image/{fmt}", task.plan.output_size)

@@ -119,7 +119,12 @@ def test_unusable_arguments_stop_before_any_work(capsys, tmp_path, inputs, tiny_
     code, err = _run(capsys, inputs / "chelsea.png", "-o", tmp_path, "--weights", tiny_merged_dir,
                      "--scale", "2", "--width", "40")
     assert code == 2 and "only one of" in err
-    for bad_flags in (["--scale", "9"], ["--noise", "1.5"], ["--tile-size", "20"], ["--color-fix", "sepia"]):
+    for flag, value, message in (("--scale", "9", "scale: Input should be less than or equal to 8"),
+                                 ("--noise", "1.5", "noise: Input should be less than or equal to 1"),
+                                 ("--quality", "0", "quality: Input should be greater than or equal to 1")):
+        code, err = _run(capsys, inputs / "chelsea.png", "-o", tmp_path, "--weights", tiny_merged_dir, flag, value)
+        assert code == 2 and message in err
+    for bad_flags in (["--tile-size", "20"], ["--color-fix", "sepia"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["upscale", str(inputs / "chelsea.png"), "-o", str(tmp_path), "--weights", str(tiny_merged_dir),
                   *bad_flags])

@@ -4,64 +4,31 @@ progress in work units, i.e. tiles), fetch the result, or DELETE to cancel."""
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from s3diff_serve.model import UpscaleOptions
 from s3diff_serve.service.auth import require_api_key
-from s3diff_serve.service.errors import ServiceError, error_responses, from_model_error
-from s3diff_serve.service.jobs import Job, JobCancelled
+from s3diff_serve.service.errors import ServiceError, error_responses
 from s3diff_serve.service.request_log import note
-from s3diff_serve.service.routes.upscale import (IMAGE_RESPONSES, UPLOAD_ERRORS, UpscaleParams, accept_upscale,
-                                                 image_body, run_upscale)
-
-logger = logging.getLogger("s3diff.service")
+from s3diff_serve.service.routes.upscale import IMAGE_RESPONSES, UPLOAD_ERRORS, accept_upscale, image_body
+from s3diff_serve.service.upscaling import run_job
 # 422 on the job-id routes too: FastAPI documents one for any route with parameters.
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(401, 422))
 
 
-async def _run_job(service, job: Job, task) -> None:
-    """Queue the job like a request (alone in its batch, with a progress callback); when the queue
-    is full, wait the advertised Retry-After and try again until the job's lifetime runs out."""
-    deadline = time.monotonic() + service.settings.job_ttl_s
-    task.progress = job.progress
-    try:
-        while True:
-            try:
-                done = await run_upscale(service, task, timeout_s=max(1.0, deadline - time.monotonic()))
-                break
-            except ServiceError as error:
-                if error.status != 429 or time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(float(error.headers.get("Retry-After", "1")))
-        job.result = done.encoded
-        job.scores = {"noise": done.prediction.noise, "blur": done.prediction.blur}
-        job.done = job.total = max(job.total, 1)
-        job.status = "succeeded"
-    except (JobCancelled, asyncio.CancelledError):
-        job.status = "cancelled"
-    except ServiceError as error:
-        job.status, job.error = "failed", error
-    except Exception as error:  # noqa: BLE001 - a job's failure is reported by its status, not lost
-        logger.exception("job %s failed", job.id)
-        job.status, job.error = "failed", from_model_error(error, f"job {job.id}")
-    finally:
-        job.finished_at = time.time()
-
-
-@router.post("", status_code=202, openapi_extra=image_body(UpscaleParams), summary="Start an upscale job",
+@router.post("", status_code=202, openapi_extra=image_body(UpscaleOptions), summary="Start an upscale job",
              responses={202: {"description": "the job, queued", "headers": {"Location": {
                  "description": "the job's status URL", "required": True, "schema": {"type": "string"}}}},
                         **error_responses(*UPLOAD_ERRORS, 429)})
-async def create_job(request: Request, query: Annotated[UpscaleParams, Query()]) -> JSONResponse:
+async def create_job(request: Request, query: Annotated[UpscaleOptions, Query()]) -> JSONResponse:
     service = request.app.state.service
     task = await accept_upscale(request, query)
     job = service.jobs.create()
-    job.task = asyncio.get_running_loop().create_task(_run_job(service, job, task))
+    job.task = asyncio.get_running_loop().create_task(run_job(service, job, task))
     note(request, job_id=job.id)
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 

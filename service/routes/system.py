@@ -1,7 +1,6 @@
 """Probes, model facts, metrics and the page: the routes that are not inference."""
 from __future__ import annotations
 
-import dataclasses
 from importlib import resources
 
 from fastapi import APIRouter, Depends, Request
@@ -46,7 +45,7 @@ async def model_info(request: Request) -> dict:
         "scale": pipeline.scale,
         "guidance_scale": pipeline.config.guidance_scale,
         "color_fix": pipeline.config.color_fix,
-        "tiling": dataclasses.asdict(pipeline.config.tiling),
+        "tiling": {"latent_tile": pipeline.plan(1, 1).tile},  # this device's first tile (CUDA: from free memory)
         "limits": {"max_body_bytes": settings.max_body_bytes, "max_input_pixels": settings.max_input_pixels,
                    "max_output_pixels": settings.max_output_pixels, "max_batch": settings.max_batch,
                    "max_wait_ms": settings.max_wait_ms, "max_queue": settings.max_queue,

@@ -170,6 +170,35 @@ def test_16bit_rgb_tiff_gives_16bit_png():
     assert info["bitdepth"] == 16 and np.array_equal(written, pixels)
 
 
+@pytest.mark.parametrize("shape, photometric", [((16, 24, 3), "rgb"), ((16, 24, 4), "rgb"), ((16, 24), "minisblack")])
+def test_32bit_float_tiff_decodes_its_unit_range_values(shape, photometric):
+    """Float TIFFs (written by tifffile, an independent writer) hold [0, 1] samples: they decode
+    to exactly those values (outside values clipped) and write 16-bit PNGs."""
+    pixels = np.random.default_rng(5).uniform(-0.2, 1.2, shape).astype(np.float32)
+    buffer = io.BytesIO()
+    extra = {"extrasamples": ["unassalpha"]} if shape[-1] == 4 else {}
+    tifffile.imwrite(buffer, pixels, photometric=photometric, **extra)
+    decoded = decode_image(buffer.getvalue())
+    expected = torch.from_numpy(pixels.clip(0, 1))
+    assert decoded.bit_depth == 16 and decoded.source_format == "tiff" and decoded.grayscale == (len(shape) == 2)
+    if len(shape) == 2:
+        assert torch.equal(decoded.rgb, expected.expand(3, -1, -1))
+    else:
+        assert torch.equal(decoded.rgb, expected[..., :3].permute(2, 0, 1))
+        assert (decoded.alpha is None) == (shape[-1] == 3)
+        if decoded.alpha is not None:
+            assert torch.equal(decoded.alpha, expected[..., 3])
+    written, info = _read_png16(encode_like(decoded.rgb, decoded))
+    assert info["bitdepth"] == 16
+
+
+def test_a_float_tiff_larger_than_the_limit_is_refused_from_its_header():
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((64, 64, 3), np.float32), photometric="rgb")
+    with pytest.raises(ImageTooLargeError, match="64x64 = 4096 pixels"):
+        decode_image(buffer.getvalue(), max_pixels=4000)
+
+
 @pytest.mark.parametrize("fmt, bit_depth", [("png", 8), ("png", 16), ("jpeg", 8), ("webp", 8)])
 def test_icc_profile_is_carried_to_every_output_format(fmt, bit_depth):
     source = _save(photos.astronaut()[:64, :64], "JPEG", icc_profile=SRGB_PROFILE)

@@ -1,14 +1,17 @@
 """The inference path, each property checked against an independent computation."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from s3diff_serve.model import InvalidInputError, NonFiniteOutputError, S3DiffPipeline
+from s3diff_serve.model import InvalidInputError, NonFiniteOutputError, S3DiffPipeline, UpscaleOptions
 from s3diff_serve.model.config import MergedConfig
 from s3diff_serve.model.pipeline import pad_to_multiple, resolve_runtime
+from s3diff_serve.model.output_size import resample
 from s3diff_serve.model.presets import build_model
 
 from .reference_path import reference_upscale
@@ -34,7 +37,7 @@ def test_matches_reference_path_within_8bit_rounding(pipe, lowres):
 
 
 def test_guidance_one_equals_positive_only_pass(pipe, lowres):
-    result = pipe.enhance(lowres[:1], guidance_scale=1.0, color_fix="none")
+    result = pipe.enhance(lowres[:1], UpscaleOptions(guidance_scale=1.0, color_fix="none"))
     model = pipe.model
     with torch.no_grad():
         model.set_degradation(result.blur, result.noise)
@@ -47,8 +50,8 @@ def test_guidance_one_equals_positive_only_pass(pipe, lowres):
 
 
 def test_guidance_changes_output(pipe, lowres):
-    a = pipe.enhance(lowres[:1], guidance_scale=1.0, color_fix="none").images
-    b = pipe.enhance(lowres[:1], guidance_scale=1.5, color_fix="none").images
+    a = pipe.enhance(lowres[:1], UpscaleOptions(guidance_scale=1.0, color_fix="none")).images
+    b = pipe.enhance(lowres[:1], UpscaleOptions(guidance_scale=1.5, color_fix="none")).images
     assert (a - b).abs().max() > 1e-3
 
 
@@ -117,13 +120,33 @@ def test_sampled_latent_is_seeded(pipe, lowres):
         ({"noise": 1.5}, "noise must be in"),
         ({"blur": -0.1}, "blur must be in"),
         ({"noise": [0.1, 0.2, 0.3]}, "3 values for a batch of 1"),
-        ({"color_fix": "sepia"}, "color_fix must be one of"),
-        ({"guidance_scale": float("nan")}, "guidance_scale must be finite"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(pipe, lowres, kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         pipe.enhance(lowres[:1], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"color_fix": "sepia"}, "color_fix: Input should be 'wavelet', 'adain' or 'none'"),
+        ({"guidance_scale": float("nan")}, "guidance_scale: Input should be less than or equal to 20"),
+        ({"noise": 1.5}, "noise: Input should be less than or equal to 1"),
+        ({"scale": 2, "width": 100}, "give only one of scale, width/height, longest_side"),
+        ({"tile": 64}, "tile: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_options_raise_clear_errors(values, message):
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        UpscaleOptions.parse(**values)
+
+
+def test_options_resize_the_x4_output(pipe, lowres):
+    x4 = pipe.enhance(lowres[:1]).images
+    resized = pipe.enhance(lowres[:1], UpscaleOptions(width=100)).images
+    assert resized.shape[-2:] == (80, 100)  # 16x20 input: width 100 keeps the 4:5 aspect ratio
+    torch.testing.assert_close(resized, resample(x4, (80, 100)))
 
 
 def test_bad_images_raise_clear_errors(pipe):

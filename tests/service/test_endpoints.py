@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import png
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -106,6 +108,27 @@ def test_output_format_and_form_fields(client):
     assert decode(response.content).shape == (16, 16, 3)
 
 
+@pytest.mark.parametrize("size_fields, expected", [
+    ({"longest_side": 100}, (60, 100)),  # 24x40 input: the longest side 40 -> 100, height 24 -> 60
+    ({"width": 80}, (48, 80)),
+    ({"width": 50, "height": 30}, (30, 50)),
+])
+def test_pixel_size_modes_give_exact_dimensions(client, size_fields, expected):
+    response = client.post("/v1/upscale", params=size_fields, content=png_bytes(24, 40))
+    assert response.status_code == 200, response.text
+    assert decode(response.content).shape[:2] == expected
+
+
+def test_a_32bit_float_tiff_is_upscaled_to_a_16bit_png(client):
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.random.default_rng(4).random((12, 16, 3), dtype=np.float32), photometric="rgb")
+    response = client.post("/v1/upscale", content=buffer.getvalue(), headers={"content-type": "image/tiff"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert np.array(Image.open(io.BytesIO(response.content))).shape[:2] == (48, 64)
+    assert png.Reader(bytes=response.content).read()[3]["bitdepth"] == 16
+
+
 def test_degradation_matches_the_estimator(client, tiny_pipeline):
     pixels = random_rgb(20, 28, seed=3)
     response = client.post("/v1/degradation", files={"image": ("in.png", encode(pixels), "image/png")})
@@ -125,6 +148,8 @@ def test_degradation_matches_the_estimator(client, tiny_pipeline):
     ({"content": png_bytes(), "params": {"color_fix": "sepia"}}, 422, "invalid_parameter"),
     ({"content": png_bytes(), "params": {"format": "gif"}}, 422, "invalid_parameter"),
     ({"content": png_bytes(), "params": {"quality": 0}}, 422, "invalid_parameter"),
+    ({"content": png_bytes(), "params": {"scale": 2, "width": 50}}, 422, "invalid_parameter"),
+    ({"content": png_bytes(), "params": {"height": 1000}}, 422, "invalid_parameter"),  # x41.7 of 24 px
     ({"files": {"image": ("a.png", png_bytes(), "image/png")}, "data": {"guidance_scale": "-1"}}, 422,
      "invalid_parameter"),
     ({"content": b"\0" * 1_000_001, "headers": {"content-type": "image/png"}}, 413, "body_too_large"),

@@ -4,12 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from s3diff_serve.model import EnhanceResult, InvalidInputError, NonFiniteOutputError
+from s3diff_serve.model import EnhanceResult, InvalidInputError, NonFiniteOutputError, S3DiffPipeline, UpscaleOptions
+from s3diff_serve.model.config import MergedConfig, TilingConfig
 from s3diff_serve.model.errors import CorruptImageError, ImageTooLargeError, UnsupportedImageError
 from s3diff_serve.model.image_io import decode_image
-from s3diff_serve.service.errors import from_model_error
-from s3diff_serve.service.stages import Predictor, UpscaleOptions, UpscaleTask, batch_key
+from s3diff_serve.model.presets import build_model
+from s3diff_serve.service.errors import ServiceError, from_model_error
+from s3diff_serve.service.stages import Predictor, UpscaleTask, batch_key, decode
 from tests.service.images import png_bytes
+
+# The tiny model with 32-pixel latent tiles: inputs up to 64 px per side run untiled.
+TILE = 32
 
 
 @pytest.mark.parametrize("error, status, code", [
@@ -30,8 +35,8 @@ class FakePipeline:
     def __init__(self, dtype, fail: bool):
         self.dtype, self.fail, self.calls = dtype, fail, []
 
-    def enhance(self, images, **options):
-        self.calls.append((images.shape, options))
+    def enhance(self, images, options, **overrides):
+        self.calls.append((images.shape, overrides))
         if self.fail:
             raise NonFiniteOutputError("NaN")
         batch = images.shape[0]
@@ -39,12 +44,22 @@ class FakePipeline:
                              torch.full((batch,), 0.75), {"unet": 0.1})
 
 
-def make_task(noise=None, **options) -> UpscaleTask:
-    image = decode_image(png_bytes(8, 8))
-    return UpscaleTask(image, UpscaleOptions(noise=noise, **options), (32, 32))
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    config = MergedConfig(unet={}, vae={}, scheduler={}, tiling=TilingConfig(latent_tile=TILE))
+    return S3DiffPipeline(build_model("tiny", seed=1), config, "cpu", "fp32")
 
 
-def test_non_finite_output_is_retried_once_in_fp32_with_a_lazily_loaded_copy():
+@pytest.fixture(scope="module")
+def make_task(tiny_pipe):
+    def make(noise=None, size=(8, 8), **options) -> UpscaleTask:
+        image = decode_image(png_bytes(*size))
+        upscale = UpscaleOptions(noise=noise, **options)
+        return UpscaleTask(image, upscale, tiny_pipe.plan(*image.size, upscale))
+    return make
+
+
+def test_non_finite_output_is_retried_once_in_fp32_with_a_lazily_loaded_copy(make_task):
     loads = []
     fallback = FakePipeline(torch.float32, fail=False)
     predictor = Predictor(FakePipeline(torch.bfloat16, fail=True), lambda: loads.append(1) or fallback)
@@ -55,20 +70,55 @@ def test_non_finite_output_is_retried_once_in_fp32_with_a_lazily_loaded_copy():
     assert fallback.calls[0][1]["noise"] == [0.1, 0.9]  # per-sample overrides reach the pipeline
 
 
-def test_non_finite_output_of_fp32_weights_is_not_retried():
+def test_non_finite_output_of_fp32_weights_is_not_retried(make_task):
     predictor = Predictor(FakePipeline(torch.float32, fail=True), lambda: pytest.fail("no fp32 copy needed"))
     with pytest.raises(NonFiniteOutputError):
         predictor([make_task()])
 
 
-def test_batch_key_groups_by_size_guidance_and_color_fix_but_not_scores():
-    assert batch_key(make_task(noise=0.1), 96) == batch_key(make_task(noise=0.9), 96)
-    assert batch_key(make_task(), 96) != batch_key(make_task(color_fix="adain"), 96)
-    assert batch_key(make_task(), 96) != batch_key(make_task(guidance_scale=1.0), 96)
-    assert batch_key(make_task(), 1) is None  # latent larger than one tile: tiled alone
+def test_batch_key_groups_by_size_guidance_color_fix_and_output_size_but_not_scores(make_task):
+    assert batch_key(make_task(noise=0.1)) == batch_key(make_task(noise=0.9)) is not None
+    assert batch_key(make_task()) != batch_key(make_task(color_fix="adain"))
+    assert batch_key(make_task()) != batch_key(make_task(guidance_scale=1.0))
+    assert batch_key(make_task()) != batch_key(make_task(scale=2))
+    assert batch_key(make_task()) != batch_key(make_task(size=(8, 9)))
     job = make_task()
     job.progress = lambda done, total: None
-    assert batch_key(job, 96) is None  # jobs report progress, so they run alone
+    assert batch_key(job) is None  # jobs report progress, so they run alone
+
+
+# (height, width) -> tiled? With 32-pixel latent tiles a side tiles past 64 input pixels,
+# whatever the area: 24x80 (the old area rule's blind spot) and 1x100 tile, 64x64 does not.
+SIZES = [((16, 16), False), ((64, 64), False), ((1, 60), False), ((24, 80), True), ((65, 16), True), ((1, 100), True)]
+
+
+@pytest.mark.parametrize("size, tiled", SIZES)
+def test_every_batched_input_runs_untiled_in_one_pipeline_call(tiny_pipe, make_task, monkeypatch, size, tiled):
+    tasks = [make_task(size=size, noise=0.2), make_task(size=size, noise=0.7)]
+    assert tasks[0].plan.tiled is tiled and (batch_key(tasks[0]) is None) is tiled
+    decoded_shapes = []
+    decode_latent = tiny_pipe.model.decode
+    monkeypatch.setattr(tiny_pipe.model, "decode", lambda latent: decoded_shapes.append(latent.shape) or decode_latent(latent))
+    batch = tasks if batch_key(tasks[0]) == batch_key(tasks[1]) is not None else tasks[:1]
+    predictions = Predictor(tiny_pipe)(batch)
+    assert [p.image.shape[-2:] for p in predictions] == [(4 * size[0], 4 * size[1])] * len(batch)
+    if tiled:
+        assert len(batch) == 1 and len(decoded_shapes) == tasks[0].plan.tiles > 1
+    else:  # one decoder call over the whole batch: untiled, one pipeline call
+        assert len(batch) == 2 and decoded_shapes == [(2, 4, *tasks[0].plan.latent_size)]
+
+
+def test_a_tall_thin_image_is_limited_by_its_padded_cost(tiny_pipe):
+    """1x200 makes only 3,200 output pixels, but the VAE pads it to 64x800 and tiles it (4 tiles of
+    8x32 latent pixels): its plan counts 65,536 pixels of work, over a 50,000 limit. A square of
+    twice the pixels passes."""
+    thin = png_bytes(1, 200)
+    with pytest.raises(ServiceError) as refused:
+        decode(thin, UpscaleOptions(), tiny_pipe, max_input_pixels=10**6, max_output_pixels=50_000)
+    assert (refused.value.status, refused.value.code) == (413, "output_too_large")
+    assert "3200 output pixels and 65536 padded model pixels" in refused.value.message
+    square = decode(png_bytes(20, 20), UpscaleOptions(), tiny_pipe, max_input_pixels=10**6, max_output_pixels=50_000)
+    assert square.plan.work_pixels == 128 * 128 and square.plan.output_size == (80, 80)
 
 
 def test_out_of_memory_after_retries_is_a_logged_503_with_retry_after(caplog):
