@@ -174,6 +174,17 @@ class OptimConfig(Section):
     # VAE has learned to reconstruct, then trains at lr * unet_lr_scale.
     unet_start_step: int = 0
     unet_lr_scale: float = Field(1.0, gt=0)
+    # Optional linear decay of every group's lr from `decay_start_step` down to
+    # lr * final_lr_fraction at max_steps (a finishing stage settles instead of jittering).
+    decay_start_step: int | None = None
+    final_lr_fraction: float = Field(0.1, ge=0, le=1)
+
+    def lr_factor(self, step: int, max_steps: int) -> float:
+        """The multiplier on the base lr at `step`: 1 until the decay starts, then linear."""
+        if self.decay_start_step is None or step <= self.decay_start_step:
+            return 1.0
+        progress = min(1.0, (step - self.decay_start_step) / max(1, max_steps - self.decay_start_step))
+        return 1.0 - progress * (1.0 - self.final_lr_fraction)
 
 
 class TrainConfig(BaseSettings):

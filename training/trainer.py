@@ -210,7 +210,9 @@ class Trainer:
         losses, accelerator = self.config.losses, self.accelerator
         generator = self.step_generator()
         optim = self.config.optim
-        self.optimizer.param_groups[1]["lr"] = 0.0 if self.step < optim.unet_start_step else optim.lr * optim.unet_lr_scale
+        lr = optim.lr * optim.lr_factor(self.step, self.config.max_steps)
+        self.optimizer.param_groups[0]["lr"] = lr
+        self.optimizer.param_groups[1]["lr"] = 0.0 if self.step < optim.unet_start_step else lr * optim.unet_lr_scale
         with accelerator.accumulate(*[m for m in (self.model, self.discriminator) if m is not None]):
             prediction, target, negatives, estimator = self.generator_prediction(highres, generator)
             mse, l1, lpips = self.reconstruction_loss(prediction, target)

@@ -122,6 +122,20 @@ def test_the_demo_recipe_trains_from_scratch_with_the_real_lpips():
     assert clean.degradation.clean_probability == 1.0 and clean.optim.unet_start_step == clean.max_steps
     assert clean.output_dir == config.output_dir and config.resume_from.name == "latest"
     assert config.optim.unet_start_step == clean.max_steps < config.max_steps
+    # stage 3 resumes stage 2 in the same folder and decays the lr from where stage 2 ended
+    finish = TrainConfig.from_yaml(REPO / "training" / "configs" / "demo-finish.yaml")
+    assert finish.model == config.model and finish.output_dir == config.output_dir
+    assert finish.optim.decay_start_step == config.max_steps < finish.max_steps
+    assert finish.optim.lr_factor(finish.max_steps, finish.max_steps) == pytest.approx(finish.optim.final_lr_fraction)
+
+
+def test_the_lr_decays_linearly_from_its_start_step_to_the_final_fraction():
+    from s3diff_serve.training.config import OptimConfig
+
+    optim = OptimConfig(decay_start_step=900, final_lr_fraction=0.1)
+    factors = [optim.lr_factor(step, 1500) for step in (0, 900, 1200, 1500, 1600)]
+    assert factors == pytest.approx([1.0, 1.0, 0.55, 0.1, 0.1])
+    assert OptimConfig().lr_factor(10_000, 100) == 1.0  # no decay unless asked for
 
 
 def test_a_resumed_run_drops_the_log_rows_past_its_checkpoint(tmp_path):
