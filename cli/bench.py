@@ -1,22 +1,38 @@
-"""`s3diff bench`: per-stage latency of the pipeline on random weights of real layer sizes, plus
-the alternatives we chose against, measured in the same run (fused vs separate CFG UNet calls,
-folded vs unfolded VAE-encoder LoRA, and a reference-like path: no folding, two UNet calls, the
-text encoder run on every call)."""
+"""`s3diff bench`: per-stage latency of the pipeline on random weights of real layer sizes, in one
+run: the reference-like path (fp32 eager, one image at a time, the text encoder run per call, two
+UNet calls, unfolded LoRA), ours eager and compiled in fp32, and in bf16/fp16 where the device
+runs them natively; plus the alternatives we chose against (fused vs separate CFG UNet calls,
+folded vs unfolded VAE-encoder LoRA) and a bare decoder.
+
+Rows that share weights are timed interleaved (one repeat of each in turn), so load drift and
+warm-up order on a shared machine hit every row alike rather than whichever ran first.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="benchmark the pipeline stages (writes JSON)")
+    parser = subparsers.add_parser("bench", help="benchmark the pipeline stages, eager vs compiled (writes JSON)")
     parser.add_argument("--preset", default="sd-turbo", choices=["tiny", "sd-turbo"])
     parser.add_argument("--size", type=int, default=128, help="low-resolution side (output is 4x)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--batch", type=int, default=1, help="images per pipeline call")
+    parser.add_argument("--dtypes", default="auto",
+                        help="comma-separated fp32,bf16,fp16; auto: fp32 plus bf16 where the CPU runs it "
+                             "natively (fp32,fp16,bf16 on CUDA)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="off: eager rows only; otherwise compiled rows too. The reported `total` is the "
+                             "configuration this setting gives by default")
+    parser.add_argument("--compiled-dtypes", default=None,
+                        help="comma-separated: the dtypes that get compiled rows (default: all of --dtypes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-reference", action="store_true", help="do not time the reference-like path")
@@ -24,20 +40,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _timed(fn, device) -> float:
+def cpu_info() -> dict:
+    """The CPU model and the SIMD/matrix flags that decide the fast path (Linux /proc/cpuinfo)."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"model": model, "flags": {flag: flag in flags for flag in CPU_FLAGS},
+            "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
 
 
 def _median(values: list[float]) -> float:
     return round(statistics.median(values), 4)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _text_encoder(preset: str, device, dtype):
@@ -52,72 +91,207 @@ def _text_encoder(preset: str, device, dtype):
     return CLIPTextModel(CLIPTextConfig(**config)).to(device, dtype).eval()
 
 
-def run(args: argparse.Namespace) -> int:
+def reference_like(pipe, text_encoder, ids, lowres) -> dict[str, float]:
+    """The reference inference script's work, per stage, one image at a time: both prompts through
+    the text encoder, the estimator, the unfolded modulated encoder, two UNet calls, the step, the
+    decoder and the wavelet colour fix; run on `pipe`'s weights with its network calls eager."""
     import torch
 
-    from s3diff_serve.model import MergedConfig, S3DiffPipeline
+    from s3diff_serve.model.color_fix import color_fix
+    from s3diff_serve.model.degradation_estimator import BLUR_INDEX, NOISE_INDEX
     from s3diff_serve.model.pipeline import pad_to_multiple
-    from s3diff_serve.model.presets import build_model
-    from s3diff_serve.model.tiling import DEFAULT_TILE
 
-    pipe = S3DiffPipeline(build_model(args.preset, seed=0), MergedConfig(unet={}, vae={}, scheduler={}), args.device, args.dtype)
+    model, device, stages = pipe.model, pipe.device, {}
+    dtype = model.unet.dtype
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        _sync(device)
+        now = time.perf_counter()
+        stages[stage] = stages.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
+
+    start = clock[0]
+    with torch.inference_mode(), model.eager():
+        for image in lowres.to(device).split(1):
+            positive, negative = text_encoder(ids[:1])[0], text_encoder(ids[1:])[0]
+            lap("text_encoder")
+            scores = model.estimate(image)
+            lap("estimate")
+            upscaled = pipe.upscale(image)
+            model.set_degradation(blur=scores[:, BLUR_INDEX], noise=scores[:, NOISE_INDEX])
+            latent = model.encode(pad_to_multiple(upscaled * 2 - 1))
+            lap("encode")
+            eps_pos, eps_neg = (model.unet(latent.to(dtype), 999, encoder_hidden_states=embeds.to(dtype)).sample.float()
+                                for embeds in (positive, negative))
+            x0 = model.clean_sample(latent, eps_neg + 1.07 * (eps_pos - eps_neg))
+            lap("unet")
+            decoded = model.decode(x0)[..., :upscaled.shape[-2], :upscaled.shape[-1]]
+            lap("decode")
+            color_fix(decoded * 0.5 + 0.5, upscaled, "wavelet").cpu()
+            lap("color_fix")
+    stages["total"] = time.perf_counter() - start
+    return stages
+
+
+def _alternatives(pipe, lowres, repeats: int) -> dict[str, list[float]]:
+    """Fused vs separate CFG UNet calls, folded vs unfolded encoder LoRA, and the decoder alone on
+    a random latent (what a bare decoder costs, against the decode stage of a whole run)."""
+    import torch
+
+    from s3diff_serve.model.pipeline import pad_to_multiple
+
     model, device = pipe.model, pipe.device
-    lowres = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    pipe.enhance(lowres)  # warm-up (allocator, oneDNN/cuDNN kernel choice)
-
-    stages: dict[str, list[float]] = {}
-    for _ in range(args.repeats):
-        for stage, seconds in pipe.enhance(lowres).timings.items():
-            stages.setdefault(stage, []).append(seconds)
-
     scores = pipe.estimate(lowres)
     image = pad_to_multiple(pipe.upscale(lowres.to(device)) * 2 - 1)
-    alternatives: dict[str, list[float]] = {k: [] for k in ("unet_fused", "unet_separate", "encode_folded", "encode_unfolded")}
-    with torch.inference_mode():
-        model.set_degradation(scores.blur.to(device), scores.noise.to(device))
+    found: dict[str, list[float]] = {k: [] for k in ("unet_fused", "unet_separate", "encode_folded", "encode_unfolded",
+                                                     "decode_bare")}
+    with torch.inference_mode(), model.eager():
+        model.set_degradation(blur=scores.blur.to(device), noise=scores.noise.to(device))
         latent = model.encode(image)
-        timestep = torch.tensor(999, device=device)
+        random_latent = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)).to(device)
         dtype = model.unet.dtype
-        tile = max(DEFAULT_TILE, max(image.shape[-2:]) // 8)  # one tile: the same work as the unfolded call
 
         def separate_cfg() -> None:
             for embeds in (model.positive_embeds, model.negative_embeds):
-                model.unet(latent.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype))
+                batch = embeds.to(dtype).expand(latent.shape[0], -1, -1)
+                model.unet(latent.to(dtype), 999, encoder_hidden_states=batch)
 
-        for _ in range(args.repeats):
-            alternatives["unet_fused"].append(_timed(lambda: model.predict_noise(latent, 1.07), device))
-            alternatives["unet_separate"].append(_timed(separate_cfg, device))
-            alternatives["encode_unfolded"].append(_timed(lambda: model.encode(image), device))
-            alternatives["encode_folded"].append(_timed(lambda: pipe._encode(image, False, None, True, tile), device))
+        for _ in range(repeats):
+            found["unet_fused"].append(_timed(lambda: model.predict_noise(latent, 1.07), device))
+            found["unet_separate"].append(_timed(separate_cfg, device))
+            found["encode_unfolded"].append(_timed(lambda: model.encode(image), device))
+            found["encode_folded"].append(_timed(lambda: model.encode(image, fold=True), device))
+            found["decode_bare"].append(_timed(lambda: model.decode(random_latent), device))
+    return found
 
-        reference_like = []
-        if not args.skip_reference:
-            text_encoder = _text_encoder(args.preset, device, pipe.dtype)
-            ids = torch.randint(0, 49407, (2, 77), device=device)
-            for _ in range(args.repeats):
-                def reference_path() -> None:
-                    text_encoder(ids[:1]), text_encoder(ids[1:])
-                    model.estimate(lowres.to(device))
-                    z = model.encode(image)
-                    separate_cfg()
-                    model.decode(z)
-                reference_like.append(_timed(reference_path, device))
 
-    medians = {stage: _median(values) for stage, values in stages.items()}
+def _dtypes(requested: str, device) -> list[str]:
+    import torch
+
+    from s3diff_serve.model.runtime import cpu_has_fast_bf16
+
+    if requested != "auto":
+        return [name.strip() for name in requested.split(",") if name.strip()]
+    if device.type == "cuda":
+        return ["fp32", "fp16", "bf16"]
+    return ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
+
+
+def _peak_rss_reset() -> bool:
+    from s3diff_serve.cli.bench_tiling import _reset_peak_rss
+
+    return _reset_peak_rss()
+
+
+def _rss(field: str) -> float | None:
+    from s3diff_serve.cli.bench_tiling import _rss_mib
+
+    try:
+        return _rss_mib(field)
+    except (OSError, RuntimeError):
+        return None
+
+
+def bench_dtype(args, dtype: str, lowres, with_reference: bool, with_compiled: bool) -> dict:
+    """Every row of one dtype on one set of weights: reference-like (fp32 only), eager, compiled."""
+    import torch
+
+    from s3diff_serve.model import MergedConfig, S3DiffPipeline
+    from s3diff_serve.model.presets import build_model
+
+    config = MergedConfig(unet={}, vae={}, scheduler={})
+    pipe = S3DiffPipeline(build_model(args.preset, seed=0), config, args.device, dtype,
+                          compile="on" if with_compiled else "off")
+    device = pipe.device
+    peak_reset = _peak_rss_reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    block: dict = {"rss_after_build_mib": _rss("VmRSS")}
+    compile_report: dict[str, float | dict] = {}
+    runners = {}
+    if with_reference:
+        text_encoder = _text_encoder(args.preset, device, pipe.dtype)
+        ids = torch.randint(0, 49407, (2, 77), generator=torch.Generator().manual_seed(0)).to(device)
+        runners[f"reference-{dtype}-eager"] = lambda: reference_like(pipe, text_encoder, ids, lowres)
+
+    def eager() -> dict[str, float]:
+        with pipe.model.eager():
+            return pipe.enhance(lowres).timings
+
+    runners[f"{dtype}-eager"] = eager
+    if with_compiled:
+        report = pipe.warmup(sizes=[(args.size, args.size)], batch_sizes=[args.batch])
+        compile_report = {"warmup_s": report["seconds"], "compile_s": report["compile_seconds"]}
+        block["rss_after_compile_mib"] = _rss("VmRSS")
+        runners[f"{dtype}-compiled"] = lambda: pipe.enhance(lowres).timings
+    for runner in runners.values():  # warm-up: allocator, oneDNN/cuDNN kernel choice
+        runner()
+    timings: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, runner in runners.items():
+            timings[name].append(runner())
+    rows = {name: {"stages_median_s": {stage: _median([run[stage] for run in runs]) for stage in runs[0]}}
+            for name, runs in timings.items()}
+    rows.get(f"{dtype}-compiled", {}).update(compile_report)
+    block["alternatives_median_s"] = {k: _median(v) for k, v in _alternatives(pipe, lowres, args.repeats).items()}
+    block["peak_rss_mib"] = _rss("VmHWM") if peak_reset else None
+    if device.type == "cuda":
+        block["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    block["rows"] = rows
+    return block
+
+
+def run(args: argparse.Namespace) -> int:
+    import gc
+
+    import torch
+
+    from s3diff_serve.model.runtime import has_kernel_compiler, plan_compile, resolve_runtime
+
+    device, default_dtype = resolve_runtime(args.device, None)
+    dtype_names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    dtypes = _dtypes(args.dtypes, device)
+    with_compiled = args.compile != "off" and has_kernel_compiler(device)
+    default = {"dtype": dtype_names[default_dtype],
+               "compiled": args.compile != "off" and plan_compile(device, default_dtype, args.compile).enabled}
+    lowres = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     result = {
-        "preset": args.preset, "lowres_side": args.size, "output_side": args.size * 4, "dtype": args.dtype,
+        "preset": args.preset, "lowres_side": args.size, "output_side": args.size * 4, "batch": args.batch,
         "device": str(device), "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "stages_median_s": medians,
-        "alternatives_median_s": {k: _median(v) for k, v in alternatives.items()},
+        "torch": torch.__version__, "cpu": cpu_info(), "dtypes": dtypes, "default": default,
+        "kernel_compiler": has_kernel_compiler(device), "rows": {}, "blocks": {},
     }
-    alt = result["alternatives_median_s"]
-    result["unet_fused_speedup"] = round(alt["unet_separate"] / alt["unet_fused"], 3)
-    result["encode_fold_speedup"] = round(alt["encode_unfolded"] / alt["encode_folded"], 3)
-    if reference_like:
-        result["reference_like_total_median_s"] = _median(reference_like)
-        result["speedup_vs_reference_like"] = round(_median(reference_like) / medians["total"], 3)
-    out = args.out or Path("bench-results") / f"bench-{args.preset}-{args.dtype}-{args.size}.json"
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+    compiled_dtypes = dtypes if args.compiled_dtypes is None else _dtypes(args.compiled_dtypes, device)
+    for dtype in sorted(dtypes, key=lambda name: name != "fp32"):  # fp32 first: it carries the reference
+        block = bench_dtype(args, dtype, lowres, with_reference=dtype == "fp32" and not args.skip_reference,
+                            with_compiled=with_compiled and dtype in compiled_dtypes)
+        result["rows"].update(block.pop("rows"))
+        result["blocks"][dtype] = block
+        gc.collect()
+    rows = result["rows"]
+    reference = rows.get("reference-fp32-eager", {}).get("stages_median_s", {}).get("total")
+    for name, row in rows.items():
+        if reference and not name.startswith("reference"):
+            row["speedup_vs_reference"] = round(reference / row["stages_median_s"]["total"], 3)
+    for dtype in dtypes:
+        eager, compiled = rows.get(f"{dtype}-eager"), rows.get(f"{dtype}-compiled")
+        if eager and compiled:
+            compiled["speedup_vs_eager"] = round(eager["stages_median_s"]["total"] / compiled["stages_median_s"]["total"], 3)
+    default_row = f"{default['dtype']}-{'compiled' if default['compiled'] else 'eager'}"
+    if default_row in rows:  # the per-image total is the default configuration's
+        result["default"]["row"] = default_row
+        result["stages_median_s"] = rows[default_row]["stages_median_s"]
+        if reference:
+            result["reference_like_total_median_s"] = reference
+            result["speedup_vs_reference_like"] = rows[default_row]["speedup_vs_reference"]
+    alternatives = result["blocks"][dtypes[0] if "fp32" not in dtypes else "fp32"]["alternatives_median_s"]
+    result["unet_fused_speedup"] = round(alternatives["unet_separate"] / alternatives["unet_fused"], 3)
+    result["encode_fold_speedup"] = round(alternatives["encode_unfolded"] / alternatives["encode_folded"], 3)
+    result["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out = args.out or Path("bench-results") / f"bench-{args.preset}-{args.device.replace(':', '')}-{args.size}-b{args.batch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

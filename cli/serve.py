@@ -14,6 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", help="'auto' (one per CUDA device, one on CPU) or a number")
     parser.add_argument("--device", help="torch device for a single worker (default: cuda if present)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype at run time")
+    parser.add_argument("--compile", choices=["auto", "on", "off"],
+                        help="torch.compile at warm-up (env S3DIFF_COMPILE, default auto: CUDA, and bf16 on the CPU)")
     parser.add_argument("--max-batch", type=int, help="micro-batch size (env S3DIFF_MAX_BATCH, default 4)")
     parser.add_argument("--max-wait-ms", type=float, help="batch fill wait (env S3DIFF_MAX_WAIT_MS, default 10)")
     parser.add_argument("--max-queue", type=int, help="waiting requests before 429 (env S3DIFF_MAX_QUEUE)")

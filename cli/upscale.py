@@ -48,7 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="default: from the output file name, else JPEG for JPEG input and PNG otherwise")
     parser.add_argument("--quality", type=int, help=_described("quality"))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                        help="default: fp16 on cuda; on the cpu bf16 where native (AVX-512-BF16/AMX), else fp32")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="off",
+                        help="torch.compile for the tile shape before the first image (default off: compiling "
+                             "takes minutes, which a one-off run rarely wins back; `s3diff serve` compiles by default)")
     parser.add_argument("--tile-size", type=_tile_size, help="latent tile side (default: from free GPU memory, 96 on cpu)")
     parser.set_defaults(handler=run)
 
@@ -108,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
     if not inputs:
         return 2
     try:
-        pipe = S3DiffPipeline.from_merged(args.weights, device=args.device, dtype=args.dtype)
+        pipe = S3DiffPipeline.from_merged(args.weights, device=args.device, dtype=args.dtype, compile=args.compile)
+        if pipe.compile_plan.enabled:
+            pipe.warmup()
     except (S3DiffError, OSError) as err:
         print(f"error: cannot load weights from {args.weights or 'the built-in demo model'}: {err}", file=sys.stderr)
         return 2

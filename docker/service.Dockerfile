@@ -35,8 +35,10 @@ RUN pip install -c requirements/lock.txt .
 
 FROM ${CUDA_BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
+# gcc + Python headers: torch.compile's Triton kernels build a small C launcher at warm-up
+# (the compiled fast path, S3DIFF_COMPILE=auto); without them the service runs eager.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+    && apt-get install -y --no-install-recommends python3 gcc libc6-dev python3-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/venv /opt/venv
 RUN useradd --create-home --uid 10001 s3diff \

@@ -84,7 +84,9 @@ def load_methods(methods, weights: Path | None, device: str) -> tuple[dict[str, 
             if weights is not None and not Path(weights).is_dir():
                 raise MissingWeightsError(f"S3Diff weights {weights} not found: pass a merged weights folder "
                                           "(`s3diff convert` writes one), or none for the built-in demo model")
-            pipe = S3DiffPipeline.from_merged(weights, device=device)
+            # fp32 eager wherever it runs, so numbers compare across machines (bf16 moves outputs by
+            # a few 8-bit levels; docs/model.md, "Compiled fast path").
+            pipe = S3DiffPipeline.from_merged(weights, device=device, dtype="fp32", compile="off")
             runners[name] = lambda lr, pipe=pipe: _to_uint8(pipe.enhance(_to_tensor(lr)).images[0])
             weights_info = {"source": pipe.source, "id": pipe.weights_id}
         else:
@@ -157,7 +159,7 @@ def evaluate(data_dir: Path, out_dir: Path, methods=("s3diff", "bicubic", "reale
     result = {
         "conditions": {"degradation": degradation, "crop": crop, "split": split, "seed": seed, "limit": limit,
                        "methods": list(methods), "photos": len(photos), "scale": SCALE, "border": SCALE,
-                       "weights": weights_info, "device": device, "machine": machine(),
+                       "weights": weights_info, "device": device, "dtype": "fp32", "machine": machine(),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "images": records,
         "mean": mean_by_method(records),

@@ -18,6 +18,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    """NHWC and not also plain contiguous (a 1x1 spatial tensor is both; treat it as NCHW)."""
+    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
 def fourier_features(scores: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
     """(B,2) scores -> (B, 4*len(w)): [sin, cos] of 2*pi*score*w for blur, then for noise."""
     phase = scores.float()[..., None] * frequencies.float() * (2 * math.pi)
@@ -83,8 +88,10 @@ class ModulatedLayer:
 class ModulationSlot:
     """Holds the current (B, blocks, r, r) modulation of one network and applies it in the hooks.
 
-    `modulation` is set by the model before each forward; its batch axis must match the batch
-    that flows through the network.
+    `modulation` is put here by the network calls of S3DiffModel (`encoder_call`, `unet_call`),
+    which take it as an argument: inside a compiled call it is then a graph input, not state
+    captured at trace time, so one graph serves every modulation (model/compiled.py). Its batch
+    axis must match the batch that flows through the network.
     """
 
     def __init__(self, network: nn.Module, adapter: str, block_of: Callable[[str], int]):
@@ -104,7 +111,11 @@ class ModulationSlot:
                 raise RuntimeError("degradation modulation not set before the forward pass")
             matrix = self.modulation[:, block_id]  # (B, r, r), kept in fp32
             # fp32 einsum: the modulated rank space overflows fp16 on real weights.
-            if lora_a_out.dim() == 4:  # conv: contract the channel axis
+            if lora_a_out.dim() == 4 and _is_channels_last(lora_a_out):
+                # the same contraction on the NHWC view, so the result stays NHWC for lora_B
+                # (einsum would hand back NCHW and force a layout change per layer)
+                out = (lora_a_out.float().permute(0, 2, 3, 1) @ matrix[:, None]).permute(0, 3, 1, 2)
+            elif lora_a_out.dim() == 4:  # conv: contract the channel axis
                 out = torch.einsum("bkhw,bkr->brhw", lora_a_out.float(), matrix)
             else:  # linear: contract the last axis
                 out = torch.einsum("b...k,bkr->b...r", lora_a_out.float(), matrix)
@@ -132,7 +143,10 @@ class ModulationSlot:
                 delta = weight_b.flatten(1) @ matrix.T @ weight_a.flatten(1)
                 delta = delta.reshape(base.weight.shape) * layer.scaling[self.adapter]
                 originals.append((layer, base, base.weight))
-                base.weight = nn.Parameter((base.weight.float() + delta).to(base.weight.dtype), requires_grad=False)
+                folded = (base.weight.float() + delta).to(base.weight.dtype)
+                if base.weight.dim() == 4 and _is_channels_last(base.weight):
+                    folded = folded.contiguous(memory_format=torch.channels_last)
+                base.weight = nn.Parameter(folded, requires_grad=False)
                 layer._disable_adapters = True  # peft's flag; its public toggle also flips requires_grad
             yield
         finally:

@@ -19,12 +19,13 @@ from PIL import Image
 
 from .builtin import resolve_weights
 from .degradation_estimator import BLUR_INDEX, NOISE_INDEX
-from .checkpoints import DTYPES, load_merged, load_release
+from .checkpoints import load_merged, load_release
 from .color_fix import color_fix as apply_color_fix
 from .config import LATENT_FACTOR, PAD_MULTIPLE, SCALE, MergedConfig
 from .errors import InvalidInputError, NonFiniteOutputError
 from .options import SCORE_RANGE, UpscaleOptions
 from .output_size import resample
+from .runtime import cpu_has_fast_bf16, plan_compile, resolve_runtime, use_channels_last  # noqa: F401 (re-exported)
 from .s3diff import S3DiffModel
 from .tiling import (
     choose_tile_size, count_tiles, estimator_view, overlap_for, run_with_oom_retry, stage_tile_counts, tiled_unet,
@@ -81,38 +82,6 @@ class EnhanceResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_runtime(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    """Defaults: CUDA when present, fp16 on CUDA and fp32 on CPU. fp16 is refused on CPU (slow
-    kernels, no benefit over bf16 there)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("device 'cuda' requested but CUDA is not available")
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise InvalidInputError(f"unsupported dtype {dtype}")
-    if device.type == "cpu" and dtype == torch.float16:
-        raise InvalidInputError("fp16 is for CUDA; use bf16 or fp32 on the CPU")
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
-        raise InvalidInputError(
-            "this CPU has no native bf16 (AVX-512-BF16/AMX): bf16 convolutions would run a fallback "
-            "that is far slower than fp32; use fp32"
-        )
-    return device, dtype
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here. Without it (e.g. AVX2-only CPUs) a bf16 conv was
-    measured at ~300x the time of the fp32 one, so bf16 is refused rather than silently slow."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def pad_to_multiple(image: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
     """Reflect-pad bottom/right to a multiple (as the reference). Reflection cannot reach further
     than the image itself, so tiny inputs are padded by repeated reflection, then replication."""
@@ -146,24 +115,32 @@ def _per_sample(value: ScoreOverride, batch: int, name: str) -> list[float | Non
 class S3DiffPipeline:
     scale = SCALE
 
-    def __init__(self, model: S3DiffModel, config: MergedConfig, device=None, dtype=None, source: str = ""):
+    def __init__(self, model: S3DiffModel, config: MergedConfig, device=None, dtype=None, source: str = "",
+                 compile: str | bool | None = None):
+        """`compile`: "auto" | "on" | "off" (None: $S3DIFF_COMPILE, else auto); see
+        model/runtime.py. Compiled shapes are built by `warmup`, never on a request."""
         self.device, self.dtype = resolve_runtime(device, dtype)
         self.config = config
         self.source = source  # where the weights came from: a folder, or "builtin-demo"
-        self.model = model.to_runtime(self.device, self.dtype).eval().requires_grad_(False)
+        self.compile_plan = plan_compile(self.device, self.dtype, compile)
+        channels_last = use_channels_last(self.device, self.dtype)
+        self.model = model.to_runtime(self.device, self.dtype, channels_last).eval().requires_grad_(False)
+        self.model.compile_calls(self.compile_plan)
 
     @classmethod
-    def from_merged(cls, merged_dir: str | Path | None = None, device=None, dtype=None) -> "S3DiffPipeline":
+    def from_merged(cls, merged_dir: str | Path | None = None, device=None, dtype=None,
+                    compile: str | bool | None = None) -> "S3DiffPipeline":
         """A merged weights folder; with none, the built-in demo model."""
         folder, source = resolve_weights(merged_dir)
         model, config = load_merged(folder)
-        return cls(model, config, device, dtype, source)
+        return cls(model, config, device, dtype, source, compile)
 
     @classmethod
-    def from_release(cls, sd_turbo_dir, s3diff_pkl, de_net_pth, device=None, dtype=None) -> "S3DiffPipeline":
+    def from_release(cls, sd_turbo_dir, s3diff_pkl, de_net_pth, device=None, dtype=None,
+                     compile: str | bool | None = None) -> "S3DiffPipeline":
         model = load_release(sd_turbo_dir, s3diff_pkl, de_net_pth)
         config = MergedConfig(unet=dict(model.unet.config), vae=dict(model.vae.config), scheduler=model.scheduler_config)
-        return cls(model, config, device, dtype)
+        return cls(model, config, device, dtype, compile=compile)
 
     @property
     def weights_id(self) -> str:
@@ -202,10 +179,7 @@ class S3DiffPipeline:
     # Each stage runs over tiles (model/tiling.py); an input that fits one tile runs untiled.
     def _encode(self, image_norm: torch.Tensor, sample: bool, generator: torch.Generator | None, fold: bool,
                 tile: int, on_tile=None) -> torch.Tensor:
-        encode = lambda part: self.model.encode(part, generator, sample)  # noqa: E731
-        if fold:
-            with self.model.vae_slot.folded():
-                return tiled_vae_encode(encode, image_norm, tile, on_tile=on_tile)
+        encode = lambda part: self.model.encode(part, generator, sample, fold)  # noqa: E731
         return tiled_vae_encode(encode, image_norm, tile, on_tile=on_tile)
 
     def _denoise(self, latent: torch.Tensor, guidance_scale: float, tile: int, on_tile=None) -> torch.Tensor:
@@ -337,6 +311,24 @@ class S3DiffPipeline:
         timings["total"] = time.perf_counter() - start
         return EnhanceResult(output, noise_scores.cpu(), blur_scores.cpu(), timings)
 
-    def warmup(self, size: int = 16) -> None:
-        """One small pass so the first request does not pay for lazy initialisation."""
-        self.enhance(torch.full((1, 3, size, size), 0.5), UpscaleOptions(noise=0.0, blur=0.0))
+    def warmup(self, sizes: Sequence[tuple[int, int]] | None = None, batch_sizes: Sequence[int] = (1,)) -> dict:
+        """Pay before the first request for what it would otherwise pay. Eager: one small pass (lazy
+        initialisation). Compiled: compile the encoder, UNet and decoder for each low-res
+        (height, width) in `sizes` at each batch size; default the size whose latent is one tile,
+        the shape every tile of a large image has. Later, other shapes run eager, never compiling
+        on a request (model/compiled.py). Returns the seconds spent and, per network call, the
+        compile (+ first run) seconds of the shapes compiled here."""
+        start, options = time.perf_counter(), UpscaleOptions(noise=0.0, blur=0.0)
+        if not self.model.compiled:
+            self.enhance(torch.full((1, 3, 16, 16), 0.5), options)
+            return {"seconds": round(time.perf_counter() - start, 3), "compile_seconds": {}}
+        tile = self._tile(None)
+        sizes = sizes or [(tile * LATENT_FACTOR // SCALE,) * 2]
+        before = {name: set(call.compile_seconds) for name, call in self.model.compiled.items()}
+        with self.model.warming_up():
+            for batch in batch_sizes:
+                for height, width in sizes:
+                    self.enhance(torch.full((batch, 3, height, width), 0.5), options, tile_size=tile)
+        compile_seconds = {name: round(sum(s for key, s in call.compile_seconds.items() if key not in before[name]), 3)
+                           for name, call in self.model.compiled.items()}
+        return {"seconds": round(time.perf_counter() - start, 3), "compile_seconds": compile_seconds}

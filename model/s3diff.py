@@ -4,19 +4,25 @@ no prompts as text; the pipeline orchestrates it.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from torch import nn
 
+from . import compiled
 from .config import (
     FOURIER_SIZE, TIMESTEP, UNET_ADAPTER, UNET_BLOCKS, UNET_LORA_TARGETS, VAE_ADAPTER, VAE_BLOCKS,
     VAE_LORA_TARGETS,
 )
 from .degradation_estimator import BLUR_INDEX, NOISE_INDEX, DegradationEstimator
 from .degradation_lora import ModulationHead, ModulationSlot, fourier_features, unet_block_id, vae_block_id
+
+if TYPE_CHECKING:
+    from .runtime import CompilePlan
 
 
 def alpha_bar(scheduler_config: dict[str, Any], timestep: int = TIMESTEP) -> float:
@@ -63,6 +69,7 @@ class S3DiffModel(nn.Module):
         self.unet_slot = ModulationSlot(self.unet, UNET_ADAPTER, unet_block_id)
         self.vae_slot = ModulationSlot(self.vae, VAE_ADAPTER, vae_block_id)
         self.alpha_bar = alpha_bar(self.scheduler_config)
+        self.compiled: dict[str, compiled.CompiledCall] = {}  # empty: the network calls run eager
 
     @classmethod
     def from_configs(cls, unet_config: dict, vae_config: dict, scheduler_config: dict, **kwargs) -> "S3DiffModel":
@@ -84,13 +91,59 @@ class S3DiffModel(nn.Module):
         params += list(self.vae_modulation.parameters()) + list(self.unet_modulation.parameters())
         return params
 
-    def to_runtime(self, device: torch.device | str, dtype: torch.dtype) -> "S3DiffModel":
+    def to_runtime(self, device: torch.device | str, dtype: torch.dtype, channels_last: bool = False) -> "S3DiffModel":
         """Weights in `dtype` on `device`; modulation heads, frequencies and prompts stay fp32 (tiny,
-        and the modulation feeds the fp32 einsum)."""
+        and the modulation feeds the fp32 einsum). `channels_last`: the UNet's and VAE's conv
+        weights in NHWC, so their convolutions run (and hand on) NHWC activations."""
         self.to(device)
         for module in (self.unet, self.vae, self.de_net):
             module.to(dtype)
+        if channels_last:
+            for module in (self.unet, self.vae):
+                module.to(memory_format=torch.channels_last)
         return self
+
+    def compile_calls(self, plan: CompilePlan) -> None:
+        """Compile the three network calls (model/compiled.py); shapes compile under `warming_up`."""
+        self.compiled = compiled.make_calls(
+            {"encoder_call": self.encoder_call, "unet_call": self.unet_call, "decoder_call": self.decoder_call}, plan
+        ) if plan.enabled else {}
+
+    @contextlib.contextmanager
+    def warming_up(self) -> Iterator[None]:
+        """Shapes the network calls see inside compile (when compiled); outside, new shapes run eager."""
+        with compiled.compiling(self.compiled.values()):
+            yield
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run the network calls eagerly even where compiled (the bench compares both)."""
+        with compiled.eager(self.compiled.values()):
+            yield
+
+    def _run(self, name: str, *args: torch.Tensor) -> torch.Tensor:
+        return (self.compiled.get(name) or getattr(self, name))(*args)
+
+    def _runs_compiled(self, name: str, *args: torch.Tensor) -> bool:
+        call = self.compiled.get(name)
+        return call is not None and call.ready(*args)
+
+    # --- the three network calls: what gets compiled ------------------------------------------
+    # The modulation is an argument, put on the slot inside the call, so a compiled graph takes it
+    # as an input: one graph serves every image and every noise/blur (model/compiled.py).
+    def encoder_call(self, image: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """VAE encoder (modulated LoRA) -> posterior moments, mean and log-variance stacked."""
+        self.vae_slot.modulation = modulation
+        return self.vae.encode(image).latent_dist.parameters
+
+    def unet_call(self, latent: torch.Tensor, states: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """eps of one UNet call at t=999 (modulated LoRA)."""
+        self.unet_slot.modulation = modulation
+        return self.unet(latent, TIMESTEP, encoder_hidden_states=states).sample
+
+    def decoder_call(self, latent: torch.Tensor) -> torch.Tensor:
+        """VAE decoder (no LoRA): unscaled latent -> image."""
+        return self.vae.decode(latent).sample
 
     # --- stages -----------------------------------------------------------------------------
     def estimate(self, lowres: torch.Tensor) -> torch.Tensor:
@@ -106,32 +159,37 @@ class S3DiffModel(nn.Module):
         self.vae_slot.modulation = self.vae_modulation(features).float()
         self.unet_slot.modulation = self.unet_modulation(features).float()
 
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
-        """Image in [-1,1] -> scaled latent; mean of the posterior unless `sample`."""
-        dtype = self.vae.dtype
-        posterior = self.vae.encode(image.to(dtype)).latent_dist
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False,
+               fold: bool = False) -> torch.Tensor:
+        """Image in [-1,1] -> scaled latent; mean of the posterior unless `sample`. `fold`: every
+        sample shares one modulation, so an eager call may fold the LoRA into the conv weights
+        (ModulationSlot.folded); a compiled call keeps the LoRA branch in its graph instead."""
+        image, modulation = image.to(self.vae.dtype), self.vae_slot.modulation
+        if fold and not self._runs_compiled("encoder_call", image, modulation):
+            with self.vae_slot.folded():
+                moments = self.encoder_call(image, modulation)
+        else:
+            moments = self._run("encoder_call", image, modulation)
+        posterior = DiagonalGaussianDistribution(moments)
         latent = posterior.sample(generator) if sample else posterior.mean
-        return latent * self.scaling_factor
+        return (latent * self.scaling_factor).contiguous()
 
     def predict_noise(self, latent: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """eps at t=999 with classifier-free guidance as ONE UNet call on [positive; negative]."""
         batch = latent.shape[0]
         dtype = self.unet.dtype
         modulation = self.unet_slot.modulation
-        timestep = torch.tensor(TIMESTEP, device=latent.device)
         positive = self.positive_embeds.to(dtype).expand(batch, -1, -1)
         if guidance_scale == 1.0:
-            return self.unet(latent.to(dtype), timestep, encoder_hidden_states=positive).sample.float()
+            return self._run("unet_call", latent.to(dtype), positive, modulation).float().contiguous()
         negative = self.negative_embeds.to(dtype).expand(batch, -1, -1)
-        self.unet_slot.modulation = torch.cat([modulation, modulation])
         try:
-            eps = self.unet(
-                torch.cat([latent, latent]).to(dtype), timestep, encoder_hidden_states=torch.cat([positive, negative])
-            ).sample.float()
+            eps = self._run("unet_call", torch.cat([latent, latent]).to(dtype), torch.cat([positive, negative]),
+                            torch.cat([modulation, modulation])).float()
         finally:
             self.unet_slot.modulation = modulation
         eps_pos, eps_neg = eps.chunk(2)
-        return eps_neg + guidance_scale * (eps_pos - eps_neg)
+        return (eps_neg + guidance_scale * (eps_pos - eps_neg)).contiguous()
 
     def clean_sample(self, latent: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The DDPM step from t=999 to x0 in closed form, fp32 (no clipping, as SD-Turbo's config)."""
@@ -140,8 +198,8 @@ class S3DiffModel(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> image clamped to [-1,1] (the decoder carries no LoRA)."""
-        decoded = self.vae.decode((latent / self.scaling_factor).to(self.vae.dtype)).sample
-        return decoded.float().clamp(-1, 1)
+        decoded = self._run("decoder_call", (latent / self.scaling_factor).to(self.vae.dtype))
+        return decoded.float().clamp(-1, 1).contiguous()
 
     def forward(
         self,

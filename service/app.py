@@ -28,7 +28,7 @@ PipelineLoader = Callable[[ServiceSettings, str | None], S3DiffPipeline]
 
 
 def load_pipeline(settings: ServiceSettings, dtype: str | None) -> S3DiffPipeline:
-    return S3DiffPipeline.from_merged(settings.weights, device=settings.device, dtype=dtype)
+    return S3DiffPipeline.from_merged(settings.weights, device=settings.device, dtype=dtype, compile=settings.compile)
 
 
 class ServiceState:
@@ -79,7 +79,7 @@ class ServiceState:
     async def _load(self) -> None:
         try:
             pipeline = await self.batcher.run_on_inference_thread(lambda: self._loader(self.settings, self.settings.dtype))
-            await self.batcher.run_on_inference_thread(pipeline.warmup)
+            warmup = await self.batcher.run_on_inference_thread(pipeline.warmup)
         except Exception as error:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
             self.load_error = f"{type(error).__name__}: {error}"
             logger.exception("loading the model from %s failed", self.settings.weights or "the built-in demo model")
@@ -89,7 +89,8 @@ class ServiceState:
         metrics.MODEL_INFO.labels(pipeline.weights_id, str(pipeline.dtype).removeprefix("torch."),
                                   str(pipeline.device)).set(1)
         self.ready = True
-        logger.info("ready: weights %s (%s) on %s (%s)", pipeline.source, pipeline.weights_id, pipeline.device, pipeline.dtype)
+        logger.info("ready: weights %s (%s) on %s (%s); warm-up %.1f s, compile seconds %s", pipeline.source,
+                    pipeline.weights_id, pipeline.device, pipeline.dtype, warmup["seconds"], warmup["compile_seconds"])
 
     async def drain(self) -> bool:
         """SIGTERM: /readyz turns 503, new work is refused, queued work gets `drain_timeout_s`."""

@@ -3,7 +3,7 @@ README table, the CLI flags and the tests all name the same knobs."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -15,7 +15,11 @@ class ServiceSettings(BaseSettings):
     weights: Path | None = Field(None, description="folder of merged weights (`s3diff convert`); "
                                                  "None = the built-in demo model")
     device: str | None = Field(None, description="torch device; None = cuda when present, else cpu")
-    dtype: str | None = Field(None, description="fp32/bf16/fp16; None = fp16 on CUDA, fp32 on CPU")
+    dtype: str | None = Field(None, description="fp32/bf16/fp16; None = fp16 on CUDA, bf16 on CPUs with "
+                                                 "native bf16 (AVX-512-BF16/AMX), else fp32")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the encoder, UNet and decoder at warm-up: auto = on CUDA and for "
+                            "bf16 on the CPU (docs/model.md, 'Compiled fast path')")
     host: str = "127.0.0.1"
     port: int = 8000
     workers: str = Field("auto", description="'auto' = one per visible CUDA device (one on CPU), or a number")

@@ -9,6 +9,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# The same suite on every CPU: servers in fp32 (bf16 is the default only where the CPU runs it
+# natively) and no compiling at warm-up (tests/model/test_compile.py compiles on purpose).
+os.environ.setdefault("S3DIFF_DTYPE", "fp32")
+os.environ.setdefault("S3DIFF_COMPILE", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -52,9 +56,9 @@ def load_weights_once(monkeypatch):
 
     load = S3DiffPipeline.from_merged.__func__
 
-    def from_merged_once(cls, merged_dir=None, device=None, dtype=None):
-        key = (str(merged_dir), device, dtype)
+    def from_merged_once(cls, merged_dir=None, device=None, dtype=None, compile=None):
+        key = (str(merged_dir), device, dtype, compile)
         if key not in _LOADED_PIPELINES:
-            _LOADED_PIPELINES[key] = load(cls, merged_dir, device, dtype)
+            _LOADED_PIPELINES[key] = load(cls, merged_dir, device, dtype, compile)
         return _LOADED_PIPELINES[key]
     monkeypatch.setattr(S3DiffPipeline, "from_merged", classmethod(from_merged_once))

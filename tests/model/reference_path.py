@@ -42,7 +42,9 @@ def wavelet_decomposition(image, levels=5):
 
 @torch.no_grad()
 def reference_upscale(model, lowres: torch.Tensor, guidance: float = 1.07) -> np.ndarray:
-    """lowres (1,3,h,w) in [0,1] -> uint8 HWC array, the reference's way."""
+    """lowres (1,3,h,w) in [0,1] -> uint8 HWC array, the reference's way (on the model's device;
+    the 8-bit colour fix on the CPU)."""
+    lowres = lowres.to(model.fourier_frequencies.device)
     h, w = lowres.shape[-2:]
     upscaled = F.interpolate(lowres, size=(h * 4, w * 4), mode="bilinear", align_corners=False)
     norm = torch.clamp(upscaled * 2 - 1.0, -1.0, 1.0)
@@ -62,8 +64,8 @@ def reference_upscale(model, lowres: torch.Tensor, guidance: float = 1.07) -> np
     out = model.vae.decode(x0 / model.vae.config.scaling_factor).sample.clamp(-1, 1)
     out = out[:, :, :rh, :rw] * 0.5 + 0.5
     # ToPILImage on a float tensor: mul(255).byte() (truncation), then back to [0,1] for the fix
-    out_u8 = (out[0] * 255).byte().float() / 255
-    ref_u8 = (upscaled[0] * 255).byte().float() / 255
+    out_u8 = (out[0].cpu() * 255).byte().float() / 255
+    ref_u8 = (upscaled[0].cpu() * 255).byte().float() / 255
     high, _ = wavelet_decomposition(out_u8[None])
     _, low = wavelet_decomposition(ref_u8[None])
     fixed = (high + low).clamp(0, 1)

@@ -120,7 +120,7 @@ def test_convert_then_load_is_bit_identical_to_release(tiny_release, loaded, tmp
     merged, _ = load_merged(out)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in merged.state_dict().items())
     lowres = torch.rand(1, 3, 13, 19, generator=torch.Generator().manual_seed(0))
-    from_merged = S3DiffPipeline.from_merged(out, device="cpu").enhance(lowres)
+    from_merged = S3DiffPipeline.from_merged(out, device="cpu", dtype="fp32").enhance(lowres)
     from_release = S3DiffPipeline(loaded, merged_config := load_merged(out)[1], "cpu", "fp32").enhance(lowres)
     assert merged_config.weights_id == config["weights_id"]
     assert torch.equal(from_merged.images, from_release.images)

@@ -141,3 +141,21 @@ def test_trainable_set_is_exactly_the_papers(model):
     lora_names = {n for n, _ in model.named_parameters() if "lora_" in n}
     assert lora_names <= names
     assert {n for n in names if "modulation" in n} == {n for n, _ in model.named_parameters() if "modulation" in n}
+
+
+def test_channels_last_model_equals_nchw_and_folds_in_place():
+    """The hook's NHWC contraction and the NHWC folded weights give the NCHW model's latent."""
+    nchw, nhwc = build_model("tiny", seed=12), build_model("tiny", seed=12)
+    nhwc.to_runtime("cpu", torch.float32, channels_last=True)
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    weights = {n: p for n, p in nhwc.vae.named_parameters()}
+    with torch.no_grad():
+        for model in (nchw, nhwc):
+            model.set_degradation(torch.tensor([0.3, 0.3]), torch.tensor([0.6, 0.6]))
+        expected = nchw.encode(image)
+        torch.testing.assert_close(nhwc.encode(image), expected, atol=1e-5, rtol=1e-5)
+        folded = nhwc.encode(image, fold=True)
+    torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+    assert all(p is weights[n] for n, p in nhwc.vae.named_parameters())  # the originals are back
+    conv = nhwc.vae.encoder.conv_in.base_layer.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()

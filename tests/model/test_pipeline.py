@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 
 from s3diff_serve.model import InvalidInputError, NonFiniteOutputError, S3DiffPipeline, UpscaleOptions
 from s3diff_serve.model.config import MergedConfig
-from s3diff_serve.model.pipeline import pad_to_multiple, resolve_runtime
+from s3diff_serve.model.pipeline import pad_to_multiple
 from s3diff_serve.model.output_size import resample
 from s3diff_serve.model.presets import build_model
 
@@ -166,33 +166,16 @@ def test_non_finite_output_raises(lowres):
 
 
 def test_bf16_on_cpu_is_close_to_fp32(lowres, monkeypatch):
-    monkeypatch.setattr("s3diff_serve.model.pipeline.cpu_has_fast_bf16", lambda: True)  # numerics, not speed
+    monkeypatch.setattr("s3diff_serve.model.runtime.cpu_has_fast_bf16", lambda: True)  # numerics, not speed
     fp32 = S3DiffPipeline(build_model("tiny", seed=5), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "fp32")
     bf16 = S3DiffPipeline(build_model("tiny", seed=5), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "bf16")
     assert bf16.model.unet.dtype == torch.bfloat16 and bf16.model.unet_modulation.fuse_mlp.weight.dtype == torch.float32
     a, b = fp32.enhance(lowres[:1]).images, bf16.enhance(lowres[:1]).images
     assert b.dtype == torch.float32
-    assert (a - b).abs().mean() < 0.03
-
-
-def test_runtime_choices(monkeypatch):
-    assert resolve_runtime("cpu", None) == (torch.device("cpu"), torch.float32)
-    monkeypatch.setattr("s3diff_serve.model.pipeline.cpu_has_fast_bf16", lambda: True)
-    assert resolve_runtime("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
-    monkeypatch.setattr("s3diff_serve.model.pipeline.cpu_has_fast_bf16", lambda: False)
-    with pytest.raises(InvalidInputError, match="no native bf16"):
-        resolve_runtime("cpu", "bf16")
-    with pytest.raises(InvalidInputError, match="fp16 is for CUDA"):
-        resolve_runtime("cpu", "fp16")
-    with pytest.raises(InvalidInputError, match="dtype must be one of"):
-        resolve_runtime("cpu", "int8")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(InvalidInputError, match="CUDA is not available"):
-        resolve_runtime("cuda", None)
-    assert resolve_runtime(None, None)[0].type == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_runtime(None, None) == (torch.device("cuda"), torch.float16)
-    assert resolve_runtime("cuda:1", "bf16") == (torch.device("cuda:1"), torch.bfloat16)
+    # Measured on the tiny random-weight model (3 seeds, 2 sizes): mean 2.2-3.4 8-bit levels,
+    # max 16-32 (eps errors are amplified ~14.6x by the t=999 step; the VAE contributes most).
+    levels = ((a * 255).round() - (b * 255).round()).abs()
+    assert levels.mean() < 5 and levels.max() <= 48
 
 
 def test_reflect_padding_matches_torch_and_handles_tiny_inputs():

@@ -40,3 +40,17 @@ def test_not_ready_while_loading():
         assert readiness.status_code == 503 and readiness.json()["error"]["message"] == "the model is loading"
         assert client.get("/v1/model").json()["error"]["code"] == "not_ready"
         release.set()
+
+
+def test_the_compile_setting_reaches_the_pipeline(monkeypatch, tiny_merged_dir):
+    import pytest
+    from pydantic import ValidationError
+
+    from s3diff_serve.service.app import load_pipeline
+
+    monkeypatch.setenv("S3DIFF_COMPILE", "on")
+    assert ServiceSettings().compile == "on"  # the same variable the model package reads
+    with pytest.raises(ValidationError, match="compile"):
+        ServiceSettings(compile="sometimes")
+    pipeline = load_pipeline(ServiceSettings(weights=tiny_merged_dir, device="cpu", compile="off"), "fp32")
+    assert not pipeline.compile_plan.enabled and not pipeline.model.compiled
