@@ -142,7 +142,6 @@ def upscale_file(pipe, source: Path, target: Path, exact: bool, forced_format: s
     from s3diff_serve.model.image_io import decode_image, encode_like, output_format_for
 
     decoded = decode_image(source)
-    pipe.plan(*decoded.size, options, tile_size)  # an impossible output size fails before any work
     fmt = output_format_for(decoded.source_format, forced_format)
     if not exact:
         target = target.with_name(target.name + FORMAT_SUFFIXES[fmt])

@@ -68,8 +68,7 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PI
     if image.format not in INPUT_FORMATS:
         raise UnsupportedImageError(f"unsupported image format {image.format}; accepted: PNG, JPEG, WebP, TIFF, BMP")
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    _check_pixel_limit(width, height, max_pixels)
 
     try:
         orientation = image.getexif().get(0x0112, 1)
@@ -84,6 +83,12 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PI
         raise CorruptImageError(f"decoded {pixels.shape[1]}x{pixels.shape[0]} pixels, header says {width}x{height}")
 
     return _decoded(pixels, orientation, grayscale, has_alpha, icc_profile, INPUT_FORMATS[image.format])
+
+
+def _check_pixel_limit(width: int, height: int, max_pixels: int) -> None:
+    """The decompression-bomb guard, on header sizes, before any pixel is decoded."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
 
 
 def _decoded(pixels: np.ndarray, orientation: int, grayscale: bool, has_alpha: bool, icc_profile: bytes | None,
@@ -123,8 +128,7 @@ def _decode_float_tiff(data: bytes, tags: dict, max_pixels: int) -> DecodedImage
     """A 32-bit float TIFF (gray, gray+alpha, RGB or RGBA), samples taken as [0, 1] (the usual
     convention of float images; values outside are clipped, NaN becomes 0), via OpenCV."""
     width, height = int(tags.get(_TIFF_WIDTH, 0)), int(tags.get(_TIFF_HEIGHT, 0))
-    if width * height > max_pixels:
-        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    _check_pixel_limit(width, height, max_pixels)
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.shape[:2] != (height, width):
         raise UnsupportedImageError("this floating-point TIFF variant cannot be decoded; save it as 8- or 16-bit")

@@ -205,7 +205,6 @@ class S3DiffPipeline:
         as_tensor = lambda values: torch.tensor([float(v) for v in values], device=self.device)  # noqa: E731
         return as_tensor(noise_values), as_tensor(blur_values)
 
-    @torch.inference_mode()
     def plan(self, height: int, width: int, options: UpscaleOptions | None = None,
              tile_size: int | None = None) -> UpscalePlan:
         """How an input of (height, width) would run with `options` here (see UpscalePlan).
@@ -215,7 +214,7 @@ class S3DiffPipeline:
         model_size = (height * SCALE, width * SCALE)
         padded_size = tuple(-(-side // PAD_MULTIPLE) * PAD_MULTIPLE for side in model_size)
         latent_size = tuple(side // LATENT_FACTOR for side in padded_size)
-        tile = self._tile(tile_size)
+        tile = self.tile_for(tile_size)
         tiles = count_tiles(*latent_size, tile, overlap_for(tile))
         guidance = self.guidance_for(options)
         # What one pipeline call shares: the input size, guidance, colour fix and output size;
@@ -227,8 +226,8 @@ class S3DiffPipeline:
         """The options' guidance scale, else the weights' default (1.07 for the released model)."""
         return self.config.guidance_scale if options.guidance_scale is None else options.guidance_scale
 
-    def _tile(self, tile_size: int | None) -> int:
-        """The first latent tile side: `tile_size`, else the weights' configured tile on the CPU,
+    def tile_for(self, tile_size: int | None = None) -> int:
+        """The first latent tile side on this device: `tile_size`, else the weights' configured tile on the CPU,
         else (CUDA) the largest that fits the free memory."""
         if tile_size is None and self.device.type != "cuda":
             tile_size = self.config.tiling.latent_tile
@@ -271,6 +270,7 @@ class S3DiffPipeline:
 
         start = clock
         lowres = self.to_tensor(images)
+        plan = self.plan(*lowres.shape[-2:], options, tile_size)  # an impossible size fails before any work
         noise_scores, blur_scores = self._scores(lowres, noise, blur)
         lap("estimate")
         upscaled = self.upscale(lowres)
@@ -279,8 +279,6 @@ class S3DiffPipeline:
         self.model.set_degradation(blur=blur_scores, noise=noise_scores)
         one_modulation = bool((noise_scores == noise_scores[0]).all() and (blur_scores == blur_scores[0]).all())
         generator = torch.Generator(self.device).manual_seed(seed) if sample and seed is not None else None
-        output_size = options.output_size(tuple(lowres.shape[-2:]))
-        first_tile = self._tile(tile_size)
 
         def run_stages(tile: int) -> torch.Tensor:
             total, done = stage_tile_counts(image_norm.shape[-2] // LATENT_FACTOR, image_norm.shape[-1] // LATENT_FACTOR, tile), 0
@@ -299,14 +297,14 @@ class S3DiffPipeline:
             lap("decode")
             return decoded
 
-        decoded = run_with_oom_retry(run_stages, first_tile)[..., :height, :width]
+        decoded = run_with_oom_retry(run_stages, plan.tile)[..., :height, :width]
         output = apply_color_fix(decoded * 0.5 + 0.5, upscaled, options.color_fix)
         lap("color_fix")
         if not torch.isfinite(output).all():
             raise NonFiniteOutputError(f"non-finite values in the output ({self.dtype}); retry in fp32")
         output = output.float().cpu()
-        if tuple(output.shape[-2:]) != output_size:
-            output = resample(output, output_size)
+        if tuple(output.shape[-2:]) != plan.output_size:
+            output = resample(output, plan.output_size)
             lap("resize")
         timings["total"] = time.perf_counter() - start
         return EnhanceResult(output, noise_scores.cpu(), blur_scores.cpu(), timings)
@@ -322,7 +320,7 @@ class S3DiffPipeline:
         if not self.model.compiled:
             self.enhance(torch.full((1, 3, 16, 16), 0.5), options)
             return {"seconds": round(time.perf_counter() - start, 3), "compile_seconds": {}}
-        tile = self._tile(None)
+        tile = self.tile_for()
         sizes = sizes or [(tile * LATENT_FACTOR // SCALE,) * 2]
         before = {name: set(call.compile_seconds) for name, call in self.model.compiled.items()}
         with self.model.warming_up():

@@ -2,7 +2,9 @@
 bad input is a 4xx naming the problem, never a 500 or a crash."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 from fastapi import FastAPI, Request
@@ -74,6 +76,15 @@ def from_model_error(error: Exception, request_id: str = "-") -> ServiceError:
         return ServiceError(422, "invalid_parameter", str(error))
     logger.error("request %s: unexpected error", request_id, exc_info=error)
     return ServiceError(500, "internal_error", "internal error; see the server log")
+
+
+@contextlib.contextmanager
+def as_service_errors(request_id: str) -> Iterator[None]:
+    """Inside: the model package's typed errors leave as their mapped ServiceError."""
+    try:
+        yield
+    except MODEL_ERRORS as error:
+        raise from_model_error(error, request_id) from error
 
 
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from s3diff_serve.model import UpscaleOptions
 from s3diff_serve.service import metrics
-from s3diff_serve.service.errors import MODEL_ERRORS, ServiceError, from_model_error
+from s3diff_serve.service.errors import ServiceError, as_service_errors, from_model_error
 from s3diff_serve.service.jobs import Job, JobCancelled
 from s3diff_serve.service.stages import (EncodedImage, EstimateTask, Prediction, UpscaleTask, batch_key, decode,
                                          decode_for_estimate, encode)
@@ -26,28 +26,22 @@ class Upscaled:
 async def prepare_upscale(service, data: bytes, options: UpscaleOptions, request_id: str) -> UpscaleTask:
     """Decode and plan in the codec pool; refuses (4xx) what cannot or may not run."""
     settings = service.settings
-    try:
+    with as_service_errors(request_id):
         return await service.run_codec(lambda: decode(
             data, options, service.pipeline, max_input_pixels=settings.max_input_pixels,
             max_output_pixels=settings.max_output_pixels))
-    except MODEL_ERRORS as error:
-        raise from_model_error(error, request_id) from error
 
 
 async def prepare_estimate(service, data: bytes, request_id: str) -> EstimateTask:
-    try:
+    with as_service_errors(request_id):
         return await service.run_codec(lambda: decode_for_estimate(data, max_input_pixels=service.settings.max_input_pixels))
-    except MODEL_ERRORS as error:
-        raise from_model_error(error, request_id) from error
 
 
 async def run_upscale(service, task: UpscaleTask, request_id: str, *, timeout_s: float, client_gone=None) -> Upscaled:
     """Queue (priced by the plan's padded work) -> predict on the inference thread -> encode."""
-    try:
+    with as_service_errors(request_id):
         outcome = await service.batcher.submit(task, key=batch_key(task), cost=task.plan.work_pixels,
                                                timeout_s=timeout_s, client_gone=client_gone)
-    except MODEL_ERRORS as error:
-        raise from_model_error(error, request_id) from error
     prediction = outcome.result
     encoded = await service.run_codec(encode, task, prediction)
     metrics.OUTPUT_PIXELS.inc(encoded.size[0] * encoded.size[1])
@@ -62,11 +56,9 @@ async def run_upscale(service, task: UpscaleTask, request_id: str, *, timeout_s:
 async def run_estimate(service, task: EstimateTask, request_id: str, *, timeout_s: float,
                        client_gone=None) -> tuple[tuple[float, float], int]:
     """The estimator's (noise, blur) for one image, batched with same-size estimates."""
-    try:
+    with as_service_errors(request_id):
         outcome = await service.batcher.submit(task, key=("estimate", *task.image.size), timeout_s=timeout_s,
                                                client_gone=client_gone)
-    except MODEL_ERRORS as error:
-        raise from_model_error(error, request_id) from error
     return outcome.result, outcome.batch_size
 
 

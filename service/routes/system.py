@@ -45,7 +45,7 @@ async def model_info(request: Request) -> dict:
         "scale": pipeline.scale,
         "guidance_scale": pipeline.config.guidance_scale,
         "color_fix": pipeline.config.color_fix,
-        "tiling": {"latent_tile": pipeline.plan(1, 1).tile},  # this device's first tile (CUDA: from free memory)
+        "tiling": {"latent_tile": pipeline.tile_for()},  # this device's first tile (CUDA: from free memory)
         "limits": {"max_body_bytes": settings.max_body_bytes, "max_input_pixels": settings.max_input_pixels,
                    "max_output_pixels": settings.max_output_pixels, "max_batch": settings.max_batch,
                    "max_wait_ms": settings.max_wait_ms, "max_queue": settings.max_queue,
