@@ -15,7 +15,7 @@ from s3diff_serve.training.trainer import Trainer, draw_negatives, negative_prom
 
 from .conftest import TINY_CONFIG
 
-STEPS = 3
+STEPS = 6
 
 
 def tiny_config(output_dir: Path, **overrides) -> TrainConfig:
@@ -25,21 +25,34 @@ def tiny_config(output_dir: Path, **overrides) -> TrainConfig:
     return config.model_copy(update=values)
 
 
+EVAL_SEED = 0
+
+
+class FixedBatchTrainer(Trainer):
+    """Every step draws the degradation `evaluate(seed=EVAL_SEED)` uses, so training sees exactly
+    the batch the before/after loss is measured on."""
+
+    def step_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(EVAL_SEED)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, hr_batch):
     """(trainer after STEPS optimizer steps, eval loss before, eval loss after, last checkpoint).
 
-    The data folder holds one 64x64 photo (the evaluation image), so every step restores it from
-    a new random degradation and the fixed-degradation loss must fall within a few steps."""
+    The data folder holds one 64x64 photo (the evaluation image, unflipped, so every crop is the
+    whole photo), every step uses the evaluation's degradation and no negative prompts: the run
+    fits one fixed batch, and its loss on that batch must fall by far more than any CPU's
+    rounding can move it (random batches differ by more than a few steps of learning)."""
     photos = tmp_path_factory.mktemp("one-photo")
     Image.fromarray((hr_batch[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(photos / "photo.png")
-    config = tiny_config(tmp_path_factory.mktemp("run"))
+    config = tiny_config(tmp_path_factory.mktemp("run"), negative_prompt_probability=0.0)
     config.data = config.data.model_copy(update={"hr_dirs": [photos], "face_dirs": [], "face_share": 0.0, "flip": False})
     torch.manual_seed(0)
-    trainer = Trainer(config)
-    before = trainer.evaluate(hr_batch[:1])
+    trainer = FixedBatchTrainer(config)
+    before = trainer.evaluate(hr_batch[:1], seed=EVAL_SEED)
     checkpoint = trainer.run()
-    after = trainer.evaluate(hr_batch[:1])
+    after = trainer.evaluate(hr_batch[:1], seed=EVAL_SEED)
     return trainer, before, after, checkpoint
 
 
@@ -74,7 +87,8 @@ def test_trainable_set_is_the_papers(trained):
 def test_short_run_loss_falls_and_logs(trained):
     trainer, before, after, checkpoint = trained
     assert trainer.step == STEPS
-    assert after < before, (before, after)
+    # Six steps on this batch take ~22% off its loss; a CPU's kernels move it by well under 1%.
+    assert after < 0.9 * before, (before, after)
     rows = (trainer.output_dir / "train_log.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,total,mse,l1,lpips,estimator,gan_generator,discriminator,negatives")
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, STEPS + 1))
