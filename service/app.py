@@ -93,11 +93,16 @@ class ServiceState:
                     pipeline.weights_id, pipeline.device, pipeline.dtype, warmup["seconds"], warmup["compile_seconds"])
 
     async def drain(self) -> bool:
-        """SIGTERM: /readyz turns 503, new work is refused, queued work gets `drain_timeout_s`."""
+        """SIGTERM: /readyz turns 503, new work is refused, queued and running work gets
+        `drain_timeout_s`; what is still running then is answered 503 `shutting_down`."""
         if self.batcher is None or not self.batcher.accepting and self.batcher.depth == 0:
             return True  # nothing to do, or already drained by the signal handler
         finished = await self.batcher.drain(self.settings.drain_timeout_s)
-        logger.info("drained" if finished else "drain timed out with work still queued")
+        if finished:
+            logger.info("drained")
+        else:
+            logger.warning("drain timed out after %g s: unfinished requests answered 503 shutting_down",
+                           self.settings.drain_timeout_s)
         return finished
 
     async def stop(self) -> None:

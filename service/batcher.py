@@ -56,6 +56,8 @@ class Batcher:
         # Running estimate of seconds per unit of cost, for Retry-After; None until a batch ran.
         self._seconds_per_cost: float | None = None
         self._running_cost = 0.0
+        self._running: list[_Item] = []  # the batch being run now
+        self._thread_busy = False  # anything (a batch, loading, warm-up) on the inference thread
         self._scheduler: asyncio.Task | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -64,16 +66,33 @@ class Batcher:
 
     async def run_on_inference_thread(self, function: Callable[[], Any]) -> Any:
         """Run `function` on the inference thread, serialised with the batches (e.g. warm-up)."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, function)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._on_thread, function)
+
+    def _on_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        self._thread_busy = True
+        try:
+            return function(*args)
+        finally:
+            self._thread_busy = False
 
     async def drain(self, timeout_s: float) -> bool:
-        """Refuse new work, let queued work finish; True when it finished within `timeout_s`."""
+        """Refuse new work and let queued and running work finish; True when it did within
+        `timeout_s`. Otherwise what is left is answered 503 `shutting_down` at once (a running
+        batch's result is dropped), so a shutdown with a deadline still answers in JSON."""
         self._accepting = False
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
         except asyncio.TimeoutError:
+            for item in [*self._running, *self._queue]:
+                if not item.future.done():
+                    item.future.set_exception(ServiceError(503, "shutting_down", "the server is shutting down"))
             return False
+
+    @property
+    def busy(self) -> bool:
+        """The inference thread is working (a batch whose answer may be gone, loading, warm-up)."""
+        return self._thread_busy
 
     async def stop(self) -> None:
         if self._scheduler is not None:
@@ -83,7 +102,8 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(ServiceError(503, "shutting_down", "the server is shutting down"))
         self._queue.clear()
-        self._thread.shutdown(wait=True)
+        # No wait: a batch cut off by the drain may run for minutes more; its result is dropped.
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     # --- public state ---------------------------------------------------------------------------
     @property
@@ -200,7 +220,11 @@ class Batcher:
                 item.queue_wait, item.batch_size = started - item.enqueued_at, len(batch)
                 metrics.QUEUE_WAIT.observe(item.queue_wait)
             self._running_cost = sum(item.cost for item in batch)
-            await self._run(batch)
+            self._running = batch
+            try:
+                await self._run(batch)
+            finally:
+                self._running = []
             per_cost = (time.perf_counter() - started) / max(self._running_cost, 1e-9)
             self._seconds_per_cost = per_cost if self._seconds_per_cost is None else (
                 0.8 * self._seconds_per_cost + 0.2 * per_cost)
@@ -214,7 +238,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         metrics.BATCH_SIZE.observe(len(batch))
         try:
-            results = await loop.run_in_executor(self._thread, self._predict, [item.payload for item in batch])
+            results = await loop.run_in_executor(self._thread, self._on_thread, self._predict,
+                                                 [item.payload for item in batch])
         except Exception as error:  # noqa: BLE001 - handed to the waiting requests, never swallowed
             if len(batch) > 1:
                 for item in batch:

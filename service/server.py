@@ -1,9 +1,11 @@
 """Running the app: uvicorn with a graceful SIGTERM drain, and one worker process per device.
 
 Drain (docs/service.md, 'Graceful shutdown'): the first SIGTERM/SIGINT does not stop uvicorn at once; the
-service first turns /readyz to 503 and refuses new work while queued work finishes (at most
-`drain_timeout_s`), and only then lets uvicorn close connections and exit. A second signal
-exits at once.
+service first turns /readyz to 503 and refuses new work while queued and running work finishes (at
+most `drain_timeout_s`; what is left then is answered 503 `shutting_down`), and only then lets
+uvicorn close connections and exit, without waiting for a cut-off batch still on the inference
+thread. So the process is gone a few seconds after `drain_timeout_s`, inside Compose's and
+Kubernetes' grace periods. A second signal exits at once.
 
 Workers: one process per visible CUDA device (worker i on cuda:i), one CPU worker otherwise.
 They share one listening socket bound here; with several, Prometheus multiprocess mode is
@@ -21,10 +23,13 @@ import sys
 import tempfile
 
 import uvicorn
+from fastapi import FastAPI
 
 from s3diff_serve.service.settings import ServiceSettings
 
 logger = logging.getLogger("s3diff.service")
+# After the drain, uvicorn only has to send the responses already decided (results or 503s).
+RESPONSE_FLUSH_S = 5.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -85,9 +90,23 @@ def run_worker(settings: ServiceSettings, sock: socket.socket | None = None) -> 
     configure_logging(settings.log_level)
     if settings.cpu_threads is not None:
         torch.set_num_threads(settings.cpu_threads)
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, access_log=False,
-                            log_config=None, timeout_graceful_shutdown=settings.drain_timeout_s)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                            log_config=None, timeout_graceful_shutdown=RESPONSE_FLUSH_S)
     DrainingServer(config).run(sockets=[sock] if sock is not None else None)
+    exit_past_cut_off_batch(app)
+
+
+def exit_past_cut_off_batch(app: FastAPI) -> None:
+    """A batch cut off by the drain (or a load still running) keeps the inference thread busy, and
+    Python joins that thread at exit; leave now instead: its requests have had their 503."""
+    batcher = app.state.service.batcher
+    if batcher is not None and batcher.busy:
+        logger.info("exiting without waiting for the inference thread (a cut-off batch or a load)")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def serve(settings: ServiceSettings) -> int:

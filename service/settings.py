@@ -28,7 +28,8 @@ class ServiceSettings(BaseSettings):
     max_wait_ms: float = Field(10.0, ge=0, description="how long the batcher waits to fill a batch")
     max_queue: int = Field(32, ge=1, description="requests waiting beyond this are refused with 429")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline, then 504")
-    drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long queued work may finish")
+    drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long queued and running work may finish; "
+                                                             "then 503 shutting_down and exit")
     codec_threads: int = Field(2, ge=1, description="thread pool for image decode/encode")
     cpu_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker; None = cores / workers")
 
@@ -44,6 +45,15 @@ class ServiceSettings(BaseSettings):
     log_level: str = "info"
     # prometheus-client reads this variable itself; named here so the service knows it is on.
     prometheus_multiproc_dir: str | None = Field(None, validation_alias="PROMETHEUS_MULTIPROC_DIR")
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _empty_is_builtin(cls, value):
+        """S3DIFF_WEIGHTS= (set but empty, as a compose file or image may leave it) means the
+        built-in model, not the current folder."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod
