@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # S3Diff training image: the same package as the service image plus the `train` extra.
 # Build from the repository root:
 #   docker build -f docker/train.Dockerfile -t s3diff-train:latest .
@@ -6,12 +5,12 @@
 # paths resolve against the config's folder, so ../../ is /workspace): mount the base weights at
 # /workspace/weights, datasets at /workspace/datasets, and get checkpoints in /workspace/runs.
 #   docker run --gpus all -v ... s3diff-train:latest train --config training/configs/paper.yaml
-# Several GPUs: --entrypoint accelerate ... launch -m cli.main train --config ...
+# Several GPUs: --entrypoint accelerate ... launch -m s3diff_serve.cli.main train --config ...
 
-# See service.Dockerfile for why the "base" CUDA flavour is enough beside torch's CUDA wheel.
-ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# See service.Dockerfile for the base image, docker/wheels/ and TORCH_INDEX_URL.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
-FROM ${CUDA_BASE_IMAGE} AS builder
+FROM ${BASE_IMAGE} AS builder
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -21,19 +20,21 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 ARG TORCH_INDEX_URL=https://pypi.org/simple
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
+COPY docker/wheels/ /tmp/wheels/
+RUN pip install --find-links /tmp/wheels --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
 WORKDIR /src
+# Serving plus the `train` extra at the lock's versions, hashes checked; then the project alone.
+COPY requirements/train.txt ./requirements/train.txt
+RUN pip install --require-hashes -r requirements/train.txt
 COPY pyproject.toml README.md ./
-# The versions the test suite was green with (torch is installed above, CUDA build).
-COPY requirements/lock.txt ./requirements/lock.txt
 COPY model ./model
 COPY service ./service
 COPY training ./training
 COPY cli ./cli
 COPY evaluation ./evaluation
-RUN pip install -c requirements/lock.txt "./[train]"
+RUN pip install --no-deps "./[train]"
 
-FROM ${CUDA_BASE_IMAGE}
+FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \

@@ -20,6 +20,8 @@ class ServiceSettings(BaseSettings):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the encoder, UNet and decoder at warm-up: auto = on CUDA and for "
                             "bf16 on the CPU (docs/model.md, 'Compiled fast path')")
+    compile_cache: Path | None = Field(None, description="folder that keeps torch.compile's kernels across restarts "
+                                                         "(the images' compile-cache volume: /cache/compile)")
     host: str = "127.0.0.1"
     port: int = 8000
     workers: str = Field("auto", description="'auto' = one per visible CUDA device (one on CPU), or a number")
