@@ -1,4 +1,5 @@
-"""Fixtures for the deployment checks: the parsed compose file, Kubernetes manifests and alert rules."""
+"""Fixtures for the deployment checks: the parsed compose file, Kubernetes manifests and alert
+rules, and the locally built images of the stack tests."""
 from __future__ import annotations
 
 import pytest
@@ -30,3 +31,20 @@ def manifests(kustomization) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def alert_rules() -> dict:
     return yaml.safe_load(RULES_FILE.read_text())
+
+
+SERVICE_IMAGE = "s3diff-serve:stack-test"
+
+
+@pytest.fixture(scope="session")
+def images() -> tuple[str, str]:
+    """(service image, Prometheus image): base images from mmdebstrap (cached by content), the
+    service image from docker/service.Dockerfile (Docker's layer cache makes a rebuild quick)."""
+    from .images import PROMETHEUS, SERVICE_BASE, build, ensure_all, offer_local_torch_wheel
+    from .stack import require_container_engine
+
+    require_container_engine()
+    base, prometheus = ensure_all(SERVICE_BASE, PROMETHEUS)
+    offer_local_torch_wheel()
+    build("service.Dockerfile", SERVICE_IMAGE, base)
+    return SERVICE_IMAGE, prometheus

@@ -96,3 +96,32 @@ def test_prometheus_mounts_the_repository_config(compose):
     prometheus = compose["services"]["prometheus"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+
+
+def test_weights_init_converts_mounted_release_files_offline_else_downloads(compose):
+    init = compose["services"]["weights-init"]
+    assert "${RELEASE_DIR:-./weights/release}:/release:ro" in init["volumes"]
+    assert "/weights/" in (REPO_ROOT / ".gitignore").read_text().split()  # the default folder stays out of git
+    script = init["command"][0].replace("\\\n", " ")
+    (local,) = [line.strip() for line in script.splitlines() if line.strip().startswith("exec s3diff convert --dtype")]
+    args = parse_cli(shlex.split(local)[2:])
+    assert not args.download and str(args.out) == "/weights/merged"
+    assert (args.sd_turbo, args.s3diff, args.de_net) == ("/release/sd-turbo", "/release/s3diff.pkl", "/release/de_net.pth")
+    assert script.index("if [ -f /release/s3diff.pkl ]") < script.index("exec s3diff convert --download")
+
+
+def test_demo_profile_serves_the_builtin_model_without_weights_init(compose):
+    demo = compose["services"]["s3diff-demo"]
+    assert demo["profiles"] == ["demo"] and "depends_on" not in demo
+    assert "S3DIFF_WEIGHTS" not in demo["environment"]
+    assert not any(volume.startswith("weights:") for volume in demo["volumes"])
+    assert "demo" not in compose["services"]["weights-init"]["profiles"]
+    assert parse_cli(demo["command"]).command == "serve"
+
+
+@pytest.mark.parametrize("name", ("s3diff-gpu", "s3diff-cpu", "s3diff-demo"))
+def test_serving_services_keep_the_compile_cache_in_a_volume(compose, name):
+    service = compose["services"][name]
+    assert "compile-cache:/cache/compile" in service["volumes"]
+    assert service["environment"]["S3DIFF_COMPILE_CACHE"] == "/cache/compile"
+    assert service["environment"]["TORCHINDUCTOR_CACHE_DIR"] == "/cache/compile/inductor"
