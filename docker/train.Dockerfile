@@ -23,7 +23,10 @@ ARG TORCH_INDEX_URL=https://pypi.org/simple
 COPY docker/wheels/ /tmp/wheels/
 RUN pip install --find-links /tmp/wheels --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
 WORKDIR /src
-# Serving plus the `train` extra at the lock's versions, hashes checked; then the project alone.
+# Serving's locked set first (the same layer as the service image's, so a host that builds both
+# builds it once), then what the `train` extra adds, hashes checked; then the project alone.
+COPY requirements/serve.txt ./requirements/serve.txt
+RUN pip install --require-hashes -r requirements/serve.txt
 COPY requirements/train.txt ./requirements/train.txt
 RUN pip install --require-hashes -r requirements/train.txt
 COPY pyproject.toml README.md ./

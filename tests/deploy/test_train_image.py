@@ -7,6 +7,8 @@ import subprocess
 
 import yaml
 
+from s3diff_serve.training.checkpointing import checkpoint_dir
+
 from .images import REPO_ROOT, SERVICE_BASE, build
 
 TRAIN_IMAGE = "s3diff-train:stack-test"
@@ -31,7 +33,7 @@ def test_train_image_trains_the_tiny_config_into_a_host_folder(images, tmp_path)
         capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = runs / "tiny"  # tiny.yaml's output_dir, ../../runs/tiny from the config folder
-    checkpoint = output / f"step-{STEPS:07d}"
+    checkpoint = checkpoint_dir(output, STEPS)
     assert (checkpoint / "merged" / "config.json").is_file() and (checkpoint / "s3diff.pkl").is_file()
     rows = (output / "train_log.csv").read_text().strip().splitlines()
     assert [int(row.split(",")[0]) for row in rows[1:]] == list(range(1, STEPS + 1))
