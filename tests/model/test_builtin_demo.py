@@ -12,7 +12,10 @@ from PIL import Image, ImageFilter
 from s3diff_serve.model import S3DiffPipeline
 from s3diff_serve.model.builtin import BUILTIN_DIR, BUILTIN_NAME
 
-CROPS = sorted((Path(__file__).resolve().parents[1] / "data" / "validation-crops").glob("*.png"))
+DATA = Path(__file__).resolve().parents[1] / "data"
+CROPS = sorted((DATA / "validation-crops").glob("*.png"))
+FLAT_CROP = DATA / "flat-region-crops" / "mate-lady-bird.png"
+COLOUR_CAST_LIMIT = 2.0  # mean colour error of a flat region, on the 0..255 scale
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +56,19 @@ def lpips_alex():
     return LPIPS("alex")
 
 
-def test_demo_beats_bicubic_on_lpips_on_validation_crops(demo, lpips_alex):
+def degraded_lowres_of(highres: Image.Image, index: int) -> Image.Image:
+    """The `realistic` input of `s3diff evaluate` (the training degradations, seeded per crop)."""
+    from s3diff_serve.evaluation.evaluate import make_lowres
+
+    return Image.fromarray(make_lowres(np.asarray(highres), "realistic", seed=0, index=index))
+
+
+@pytest.mark.parametrize("degradation", ["clean", "degraded"])
+def test_demo_beats_bicubic_on_lpips_on_validation_crops(demo, lpips_alex, degradation):
     ours, bicubic = [], []
-    for path in CROPS:
+    for index, path in enumerate(CROPS):
         highres = Image.open(path).convert("RGB")
-        lowres = lowres_of(highres)
+        lowres = lowres_of(highres) if degradation == "clean" else degraded_lowres_of(highres, index)
         target = to_tensor(highres) * 2 - 1
         with torch.no_grad():
             output = demo.enhance(to_tensor(lowres)).images
@@ -65,6 +76,20 @@ def test_demo_beats_bicubic_on_lpips_on_validation_crops(demo, lpips_alex):
             upscaled = to_tensor(lowres.resize(highres.size, Image.BICUBIC))
             bicubic.append(float(lpips_alex(upscaled * 2 - 1, target)))
     assert len(CROPS) == 2 and np.mean(ours) < np.mean(bicubic), (ours, bicubic)
+
+
+def test_no_colour_cast_on_a_flat_white_region(demo):
+    """Where the input is flat, the output keeps its colour: the mean colour of the crop's flat
+    white region (every pixel whose 9x9 neighbourhood is pure white, edges of the green and
+    purple border included) against the input's there, per channel, on the 0..255 scale."""
+    highres = Image.open(FLAT_CROP).convert("RGB")
+    lowres = lowres_of(highres)
+    output = demo.enhance(to_tensor(lowres)).images[0].permute(1, 2, 0).numpy() * 255
+    white = np.asarray(highres.convert("L").filter(ImageFilter.MinFilter(9))) == 255
+    assert white.mean() > 0.4  # most of the crop
+    reference = np.asarray(lowres.resize(highres.size, Image.BICUBIC), dtype=np.float64)
+    error = np.abs(output[white].mean(axis=0) - reference[white].mean(axis=0))
+    assert error.max() < COLOUR_CAST_LIMIT, error
 
 
 def noise_knob_energies(demo: S3DiffPipeline, path: Path) -> list[float]:
