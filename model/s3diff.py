@@ -5,7 +5,7 @@ no prompts as text; the pipeline orchestrates it.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -20,9 +20,7 @@ from .config import (
 )
 from .degradation_estimator import BLUR_INDEX, NOISE_INDEX, DegradationEstimator
 from .degradation_lora import ModulationHead, ModulationSlot, fourier_features, unet_block_id, vae_block_id
-
-if TYPE_CHECKING:
-    from .runtime import CompilePlan
+from .runtime import CompilePlan
 
 
 def alpha_bar(scheduler_config: dict[str, Any], timestep: int = TIMESTEP) -> float:
