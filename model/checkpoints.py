@@ -279,7 +279,7 @@ def read_merged_config(merged_dir: str | Path) -> MergedConfig:
         raise CheckpointError(f"{path}: file not found (run `s3diff convert` to create a merged folder)")
     try:
         return MergedConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a valid merged config ({exc})") from None
 
 

@@ -17,16 +17,29 @@ TIMESTEP = 999
 SCALE = 4  # the model always works at x4; other output sizes resample its output
 MIN_SCALE = 1.0  # SR never shrinks
 MAX_SCALE = 8.0  # past x8 the x4 output would be stretched more than 2x by a plain filter
-LATENT_FACTOR = 8
 PAD_MULTIPLE = 64
 DEFAULT_TILE = 96  # latent tile side (768 image pixels), as the reference
 MIN_TILE = 32
 
 
-def validate_tile_size(tile: int) -> int:
-    """A latent tile side must be a multiple of the latent factor and at least MIN_TILE."""
-    if tile < MIN_TILE or tile % LATENT_FACTOR:
-        raise ValueError(f"tile size must be a multiple of {LATENT_FACTOR} and at least {MIN_TILE}, got {tile}")
+# How the low-res input is brought to x4 before the VAE sees it. A property of a set of weights
+# (MergedConfig.pre_resize): serving must resize as training did. The released weights need
+# bilinear (the reference inference code's resize); the paper's training code feeds bicubic.
+PRE_RESIZE_MODES = ("bilinear", "bicubic")
+
+
+def latent_factor(vae_config: dict[str, Any]) -> int:
+    """The VAE's spatial factor (image pixels per latent pixel): each encoder level after the
+    first halves the resolution, so 2 ** (levels - 1) (SD's four levels: 8)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def validate_tile_size(tile: int, latent_factor: int | None = None) -> int:
+    """A latent tile side must be at least MIN_TILE and a multiple of the weights' latent factor
+    (None: the weights are not known yet, e.g. when a flag is parsed; only the lower bound)."""
+    if tile < MIN_TILE or (latent_factor is not None and tile % latent_factor):
+        multiple = f"a multiple of {latent_factor} and " if latent_factor is not None else ""
+        raise ValueError(f"tile size must be {multiple}at least {MIN_TILE}, got {tile}")
     return tile
 
 UNET_LORA_TARGETS = [
@@ -56,8 +69,8 @@ SCHEDULER_CONFIG = {
 @dataclass
 class TilingConfig:
     """Tiling defaults (docs/model.md, "Tiling"): one latent tile side drives all three stages
-    (the VAE works on the same tiles, x8 in pixels); the overlap follows from it (a third,
-    `tiling.overlap_for`)."""
+    (the VAE works on the same tiles, x latent factor in pixels); the overlap follows from it (a
+    third, `tiling.overlap_for`)."""
 
     latent_tile: int = DEFAULT_TILE
 
@@ -77,13 +90,23 @@ class MergedConfig:
     negative_prompt: str = NEGATIVE_PROMPT
     guidance_scale: float = DEFAULT_GUIDANCE
     color_fix: str = "wavelet"
+    pre_resize: str = "bilinear"  # PRE_RESIZE_MODES: what the weights were trained with
     tiling: TilingConfig = field(default_factory=TilingConfig)
     dtype: str = "fp32"
     model_name: str = "s3diff"
     weights_id: str = ""
 
+    def __post_init__(self) -> None:
+        if self.pre_resize not in PRE_RESIZE_MODES:
+            raise ValueError(f"pre_resize must be one of {', '.join(PRE_RESIZE_MODES)}, got {self.pre_resize!r}")
+
+    @property
+    def latent_factor(self) -> int:
+        """Derived from the VAE config; written to config.json for readers, never read back."""
+        return latent_factor(self.vae)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"latent_factor": self.latent_factor}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MergedConfig":
@@ -91,7 +114,11 @@ class MergedConfig:
         values = {k: v for k, v in data.items() if k in known}
         tiling_fields = {f.name for f in dataclasses.fields(TilingConfig)}
         values["tiling"] = TilingConfig(**{k: v for k, v in values.get("tiling", {}).items() if k in tiling_fields})
-        return cls(**values)
+        config = cls(**values)
+        if "latent_factor" in data and data["latent_factor"] != config.latent_factor:
+            raise ValueError(f"latent_factor {data['latent_factor']} does not match the VAE config "
+                             f"({len(config.vae['block_out_channels'])} levels: {config.latent_factor})")
+        return config
 
 
 def sd_turbo_unet_config() -> dict[str, Any]:
@@ -159,6 +186,14 @@ def tiny_vae_config() -> dict[str, Any]:
     return cfg
 
 
+def tiny_f4_vae_config() -> dict[str, Any]:
+    """The tiny VAE one level shallower (latent factor 4), for tests of other latent factors."""
+    cfg = tiny_vae_config()
+    cfg.update(block_out_channels=[32, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
+               up_block_types=["UpDecoderBlock2D"] * 3)
+    return cfg
+
+
 def tiny_text_config(vocab_size: int) -> dict[str, Any]:
     return {
         "vocab_size": vocab_size,
@@ -193,8 +228,19 @@ def demo_vae_config() -> dict[str, Any]:
     return cfg
 
 
+def demo_f4_vae_config() -> dict[str, Any]:
+    """The demo VAE one level shallower: latent factor 4, so on a x4-upscaled input the latent
+    sits at the low-res image's own resolution instead of half of it."""
+    cfg = demo_vae_config()
+    cfg.update(block_out_channels=[32, 64, 96], down_block_types=["DownEncoderBlock2D"] * 3,
+               up_block_types=["UpDecoderBlock2D"] * 3)
+    return cfg
+
+
 PRESETS = {
     "tiny": (tiny_unet_config, tiny_vae_config),
     "demo": (demo_unet_config, demo_vae_config),
+    "demo-f4": (demo_unet_config, demo_f4_vae_config),
+    "tiny-f4": (tiny_unet_config, tiny_f4_vae_config),
     "sd-turbo": (sd_turbo_unet_config, sd_turbo_vae_config),
 }

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from s3diff_serve.model.config import MAX_SCALE, MIN_SCALE, SCALE
+from s3diff_serve.model.config import MAX_SCALE, MIN_SCALE, PRE_RESIZE_MODES, SCALE
 from s3diff_serve.model.errors import InvalidInputError
 
 
@@ -85,3 +86,14 @@ def resample(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ])
     result = torch.from_numpy(resized).clamp_(0.0, 1.0)
     return result.reshape(*images.shape[:-2], out_h, out_w)
+
+
+def pre_resize(lowres: torch.Tensor, mode: str) -> torch.Tensor:
+    """The x4 resize of the low-res input that the VAE sees, with the weights' `pre_resize` mode
+    (MergedConfig.pre_resize): training and serving both call this. align_corners=False as the
+    reference; clamped to [0, 1] (bicubic overshoots; bilinear never does, so it stays exact)."""
+    if mode not in PRE_RESIZE_MODES:
+        raise ValueError(f"pre_resize must be one of {', '.join(PRE_RESIZE_MODES)}, got {mode!r}")
+    height, width = lowres.shape[-2:]
+    upscaled = F.interpolate(lowres, size=(height * SCALE, width * SCALE), mode=mode, align_corners=False)
+    return upscaled if mode == "bilinear" else upscaled.clamp(0, 1)

@@ -1,9 +1,9 @@
 """One-step S3Diff inference (docs/model.md, "The one-step inference path"): the single entry
 point that the CLI, the service and training evaluation call.
 
-pre-process (bilinear x4, [-1,1], reflect-pad to 64) -> degradation scores (estimator unless
-overridden) -> modulated VAE-encoder latent -> ONE UNet call on [positive; negative] -> CFG ->
-closed-form step t=999 -> decode -> crop -> colour fix.
+pre-process (x4 with the weights' pre-resize, [-1,1], reflect-pad to 64) -> degradation scores
+(estimator unless overridden) -> modulated VAE-encoder latent -> ONE UNet call on
+[positive; negative] -> CFG -> closed-form step t=999 -> decode -> crop -> colour fix.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from .builtin import resolve_weights
 from .degradation_estimator import BLUR_INDEX, NOISE_INDEX
 from .checkpoints import load_merged, load_release
 from .color_fix import color_fix as apply_color_fix
-from .config import LATENT_FACTOR, PAD_MULTIPLE, SCALE, MergedConfig
+from .config import PAD_MULTIPLE, SCALE, MergedConfig, latent_factor
 from .errors import InvalidInputError, NonFiniteOutputError
 from .options import SCORE_RANGE, UpscaleOptions
-from .output_size import resample
+from .output_size import pre_resize, resample
 from .runtime import cpu_has_fast_bf16, plan_compile, resolve_runtime, use_channels_last  # noqa: F401 (re-exported)
 from .s3diff import S3DiffModel
 from .tiling import (
@@ -52,10 +52,11 @@ class UpscalePlan:
     output_size: tuple[int, int]  # after the options' resize of the x4 result
     model_size: tuple[int, int]  # the x4 image the model makes
     padded_size: tuple[int, int]  # model_size reflect-padded to PAD_MULTIPLE: what the VAE sees
-    latent_size: tuple[int, int]  # padded_size / LATENT_FACTOR
+    latent_size: tuple[int, int]  # padded_size / latent_factor
     tile: int  # latent tile side; an image with both latent sides <= tile runs untiled
     tiles: int  # tiles per stage (1 = untiled)
     batch_key: tuple | None  # equal keys may run as one pipeline call; None: runs alone (tiled)
+    latent_factor: int  # the weights' (MergedConfig.latent_factor): image pixels per latent pixel
 
     @property
     def tiled(self) -> bool:
@@ -66,7 +67,7 @@ class UpscalePlan:
         """The cost: image pixels the encoder and decoder process, padding and tile overlaps
         included (a 1x2000 input is 4x8000 model pixels but 64x8000 padded ones)."""
         tile_h, tile_w = (min(self.tile, side) for side in self.latent_size)
-        return self.tiles * tile_h * tile_w * LATENT_FACTOR * LATENT_FACTOR
+        return self.tiles * tile_h * tile_w * self.latent_factor**2
 
     @property
     def work_units(self) -> int:
@@ -122,6 +123,7 @@ class S3DiffPipeline:
         self.device, self.dtype = resolve_runtime(device, dtype)
         self.config = config
         self.source = source  # where the weights came from: a folder, or "builtin-demo"
+        self.latent_factor = latent_factor(dict(model.vae.config))  # the network's own VAE config
         self.compile_plan = plan_compile(self.device, self.dtype, compile)
         channels_last = use_channels_last(self.device, self.dtype)
         self.model = model.to_runtime(self.device, self.dtype, channels_last).eval().requires_grad_(False)
@@ -169,25 +171,23 @@ class S3DiffPipeline:
             raise InvalidInputError("image values must be finite and in [0, 1]")
         return images
 
-    @staticmethod
-    def upscale(lowres: torch.Tensor) -> torch.Tensor:
-        """Bilinear x4, align_corners=False: the reference CLI's resize."""
-        height, width = lowres.shape[-2:]
-        return F.interpolate(lowres, size=(height * SCALE, width * SCALE), mode="bilinear", align_corners=False)
+    def upscale(self, lowres: torch.Tensor) -> torch.Tensor:
+        """x4 with the weights' pre-resize (bilinear for the released weights: the reference CLI's)."""
+        return pre_resize(lowres, self.config.pre_resize)
 
     # --- stages (seams for tiling) ------------------------------------------------------------
     # Each stage runs over tiles (model/tiling.py); an input that fits one tile runs untiled.
     def _encode(self, image_norm: torch.Tensor, sample: bool, generator: torch.Generator | None, fold: bool,
                 tile: int, on_tile=None) -> torch.Tensor:
         encode = lambda part: self.model.encode(part, generator, sample, fold)  # noqa: E731
-        return tiled_vae_encode(encode, image_norm, tile, on_tile=on_tile)
+        return tiled_vae_encode(encode, image_norm, self.latent_factor, tile, on_tile=on_tile)
 
     def _denoise(self, latent: torch.Tensor, guidance_scale: float, tile: int, on_tile=None) -> torch.Tensor:
         denoise = lambda part: self.model.clean_sample(part, self.model.predict_noise(part, guidance_scale))  # noqa: E731
-        return tiled_unet(denoise, latent, tile, on_tile=on_tile)
+        return tiled_unet(denoise, latent, self.latent_factor, tile, on_tile=on_tile)
 
     def _decode(self, latent: torch.Tensor, tile: int, on_tile=None) -> torch.Tensor:
-        return tiled_vae_decode(self.model.decode, latent, tile, on_tile=on_tile)
+        return tiled_vae_decode(self.model.decode, latent, self.latent_factor, tile, on_tile=on_tile)
 
     # --- entry points -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -213,14 +213,15 @@ class S3DiffPipeline:
         output_size = options.output_size((height, width))
         model_size = (height * SCALE, width * SCALE)
         padded_size = tuple(-(-side // PAD_MULTIPLE) * PAD_MULTIPLE for side in model_size)
-        latent_size = tuple(side // LATENT_FACTOR for side in padded_size)
+        latent_size = tuple(side // self.latent_factor for side in padded_size)
         tile = self.tile_for(tile_size)
-        tiles = count_tiles(*latent_size, tile, overlap_for(tile))
+        tiles = count_tiles(*latent_size, tile, overlap_for(tile, self.latent_factor))
         guidance = self.guidance_for(options)
         # What one pipeline call shares: the input size, guidance, colour fix and output size;
         # noise/blur may differ per sample. Tiled images run alone.
         batch_key = None if tiles > 1 else ((height, width), guidance, options.color_fix, output_size)
-        return UpscalePlan((height, width), output_size, model_size, padded_size, latent_size, tile, tiles, batch_key)
+        return UpscalePlan((height, width), output_size, model_size, padded_size, latent_size, tile, tiles, batch_key,
+                           self.latent_factor)
 
     def guidance_for(self, options: UpscaleOptions) -> float:
         """The options' guidance scale, else the weights' default (1.07 for the released model)."""
@@ -232,7 +233,7 @@ class S3DiffPipeline:
         if tile_size is None and self.device.type != "cuda":
             tile_size = self.config.tiling.latent_tile
         try:
-            return choose_tile_size(self.device, self.dtype, tile_size)
+            return choose_tile_size(self.device, self.dtype, self.latent_factor, tile_size)
         except ValueError as err:
             raise InvalidInputError(str(err)) from err
 
@@ -251,7 +252,7 @@ class S3DiffPipeline:
     ) -> EnhanceResult:
         """Upscale a batch of same-size images with `options` (UpscaleOptions; the default is x4
         with estimated scores). `noise`/`blur` override the options' scores per sample (a value
-        or one per image, None = estimate). `tile_size`: latent tile side (multiple of 8, >= 32);
+        or one per image, None = estimate). `tile_size`: latent tile side (multiple of the latent factor, >= 32);
         None picks it from free CUDA memory (the weights' tile on the CPU). On CUDA
         out-of-memory the image is retried with smaller tiles."""
         options = options or UpscaleOptions()
@@ -281,7 +282,8 @@ class S3DiffPipeline:
         generator = torch.Generator(self.device).manual_seed(seed) if sample and seed is not None else None
 
         def run_stages(tile: int) -> torch.Tensor:
-            total, done = stage_tile_counts(image_norm.shape[-2] // LATENT_FACTOR, image_norm.shape[-1] // LATENT_FACTOR, tile), 0
+            factor = self.latent_factor
+            total, done = stage_tile_counts(image_norm.shape[-2] // factor, image_norm.shape[-1] // factor, tile, factor), 0
 
             def on_tile() -> None:
                 nonlocal done
@@ -297,7 +299,7 @@ class S3DiffPipeline:
             lap("decode")
             return decoded
 
-        decoded = run_with_oom_retry(run_stages, plan.tile)[..., :height, :width]
+        decoded = run_with_oom_retry(run_stages, plan.tile, self.latent_factor)[..., :height, :width]
         output = apply_color_fix(decoded * 0.5 + 0.5, upscaled, options.color_fix)
         lap("color_fix")
         if not torch.isfinite(output).all():
@@ -321,7 +323,7 @@ class S3DiffPipeline:
             self.enhance(torch.full((1, 3, 16, 16), 0.5), options)
             return {"seconds": round(time.perf_counter() - start, 3), "compile_seconds": {}}
         tile = self.tile_for()
-        sizes = sizes or [(tile * LATENT_FACTOR // SCALE,) * 2]
+        sizes = sizes or [(tile * self.latent_factor // SCALE,) * 2]
         before = {name: set(call.compile_seconds) for name, call in self.model.compiled.items()}
         with self.model.warming_up():
             for batch in batch_sizes:

@@ -19,16 +19,18 @@ from typing import Callable, TypeVar
 
 import torch
 
-# LATENT_FACTOR: the VAE's spatial factor; tile starts stay on multiples of it.
-from s3diff_serve.model.config import DEFAULT_TILE, LATENT_FACTOR, MIN_TILE, validate_tile_size
+# `factor` below is the weights' latent factor (the VAE's spatial factor, MergedConfig.latent_factor):
+# tile sides and overlaps stay on multiples of it.
+from s3diff_serve.model.config import DEFAULT_TILE, MIN_TILE, validate_tile_size
 from s3diff_serve.model.errors import TilingOutOfMemoryError
 
 GAUSSIAN_VARIANCE = 0.01
-# Peak CUDA bytes per latent pixel of a tile (the VAE decoder dominates: 512 channels at the
+# Peak CUDA bytes per image pixel of a tile (the VAE decoder dominates: 512 channels at the
 # latent size, then 128-256 channels at 8x8 times that area). An estimate from the SD 2.x VAE's
-# layer sizes, halved for 16-bit weights; tiles are chosen to use at most CUDA_MEMORY_FRACTION
-# of the free memory, and an OOM still falls back to smaller tiles (run_with_oom_retry).
-CUDA_BYTES_PER_LATENT_PIXEL = {torch.float32: 1_300_000, torch.float16: 650_000, torch.bfloat16: 650_000}
+# layer sizes (1.3 MB per latent pixel at factor 8, i.e. per 64 image pixels), halved for 16-bit
+# weights; tiles are chosen to use at most CUDA_MEMORY_FRACTION of the free memory, and an OOM
+# still falls back to smaller tiles (run_with_oom_retry).
+CUDA_BYTES_PER_IMAGE_PIXEL = {torch.float32: 1_300_000 / 64, torch.float16: 650_000 / 64, torch.bfloat16: 650_000 / 64}
 CUDA_MEMORY_FRACTION = 0.7
 MAX_AUTO_TILE = 320
 # The degradation estimator's cost grows with the input area (about 1.2 MMAC per pixel), so it
@@ -38,9 +40,10 @@ ESTIMATOR_MAX_SIDE = 512
 T = TypeVar("T")
 
 
-def overlap_for(tile: int) -> int:
-    """The overlap that goes with a tile size: a third, on the latent grid (96 -> 32, 48 -> 16)."""
-    return max(LATENT_FACTOR, tile // 3 // LATENT_FACTOR * LATENT_FACTOR)
+def overlap_for(tile: int, factor: int) -> int:
+    """The overlap that goes with a tile size: a third, in multiples of the latent factor
+    (factor 8: 96 -> 32, 48 -> 16)."""
+    return max(factor, tile // 3 // factor * factor)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -80,8 +83,8 @@ def tiled_apply(
 ) -> torch.Tensor:
     """`fn` over overlapping spatial tiles of `tensor` (..., H, W), Gaussian-blended.
 
-    `fn` maps a (..., h, w) tile to (..., h*scale, w*scale) (scale 8 for a decoder, 1/8 for an
-    encoder). A tensor no larger than one tile goes straight to `fn`, so its result is exactly the
+    `fn` maps a (..., h, w) tile to (..., h*scale, w*scale) (scale = the latent factor for a
+    decoder, its inverse for an encoder). A tensor no larger than one tile goes straight to `fn`, so its result is exactly the
     untiled one. `on_tile` is called after each tile (progress).
     """
     height, width = tensor.shape[-2:]
@@ -112,51 +115,53 @@ def tiled_apply(
     return (total / weights_sum).to(output.dtype)
 
 
-def tiled_unet(denoise_fn: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor,
+def tiled_unet(denoise_fn: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, factor: int,
                tile: int = DEFAULT_TILE, overlap: int | None = None,
                on_tile: Callable[[], None] | None = None) -> torch.Tensor:
     """The UNet step (latent -> clean latent) over latent tiles."""
-    return tiled_apply(denoise_fn, latent, tile, overlap_for(tile) if overlap is None else overlap, on_tile=on_tile)
+    overlap = overlap_for(tile, factor) if overlap is None else overlap
+    return tiled_apply(denoise_fn, latent, tile, overlap, on_tile=on_tile)
 
 
-def tiled_vae_encode(encode_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+def tiled_vae_encode(encode_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, factor: int,
                      tile: int = DEFAULT_TILE, overlap: int | None = None,
                      on_tile: Callable[[], None] | None = None) -> torch.Tensor:
-    """Image (B,3,H,W) -> latent (B,4,H/8,W/8), on image tiles of `tile` latent pixels (x8)."""
-    overlap = overlap_for(tile) if overlap is None else overlap
-    return tiled_apply(encode_fn, image, tile * LATENT_FACTOR, overlap * LATENT_FACTOR,
-                       scale=1 / LATENT_FACTOR, on_tile=on_tile)
+    """Image (B,3,H,W) -> latent (B,C,H/f,W/f), on image tiles of `tile` latent pixels (x f,
+    the latent factor)."""
+    overlap = overlap_for(tile, factor) if overlap is None else overlap
+    return tiled_apply(encode_fn, image, tile * factor, overlap * factor, scale=1 / factor, on_tile=on_tile)
 
 
-def tiled_vae_decode(decode_fn: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor,
+def tiled_vae_decode(decode_fn: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, factor: int,
                      tile: int = DEFAULT_TILE, overlap: int | None = None,
                      on_tile: Callable[[], None] | None = None) -> torch.Tensor:
-    """Latent (B,4,h,w) -> image (B,3,8h,8w), on latent tiles."""
-    overlap = overlap_for(tile) if overlap is None else overlap
-    return tiled_apply(decode_fn, latent, tile, overlap, scale=LATENT_FACTOR, on_tile=on_tile)
+    """Latent (B,C,h,w) -> image (B,3,f*h,f*w), on latent tiles."""
+    overlap = overlap_for(tile, factor) if overlap is None else overlap
+    return tiled_apply(decode_fn, latent, tile, overlap, scale=factor, on_tile=on_tile)
 
 
-def stage_tile_counts(latent_height: int, latent_width: int, tile: int) -> int:
+def stage_tile_counts(latent_height: int, latent_width: int, tile: int, factor: int) -> int:
     """Work units of one image: encoder, UNet and decoder tiles (all on the same latent grid)."""
-    return 3 * count_tiles(latent_height, latent_width, tile, overlap_for(tile))
+    return 3 * count_tiles(latent_height, latent_width, tile, overlap_for(tile, factor))
 
 
-def choose_tile_size(device: torch.device, dtype: torch.dtype, requested: int | None = None) -> int:
-    """The tile size to use: `requested` if given; on CUDA the largest multiple of 8 (up to
-    MAX_AUTO_TILE) whose estimated peak fits in the free memory; DEFAULT_TILE elsewhere."""
+def choose_tile_size(device: torch.device, dtype: torch.dtype, factor: int, requested: int | None = None) -> int:
+    """The tile size to use: `requested` if given; on CUDA the largest multiple of the latent
+    factor (up to MAX_AUTO_TILE) whose estimated peak fits in the free memory; DEFAULT_TILE
+    elsewhere."""
     if requested is not None:
-        return validate_tile_size(requested)
+        return validate_tile_size(requested, factor)
     if device.type != "cuda":
         return DEFAULT_TILE
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    per_pixel = CUDA_BYTES_PER_LATENT_PIXEL.get(dtype, CUDA_BYTES_PER_LATENT_PIXEL[torch.float32])
+    per_pixel = CUDA_BYTES_PER_IMAGE_PIXEL.get(dtype, CUDA_BYTES_PER_IMAGE_PIXEL[torch.float32]) * factor**2
     side = int(math.sqrt(free_bytes * CUDA_MEMORY_FRACTION / per_pixel))
-    return max(MIN_TILE, min(MAX_AUTO_TILE, side // LATENT_FACTOR * LATENT_FACTOR))
+    return max(MIN_TILE, min(MAX_AUTO_TILE, side // factor * factor))
 
 
-def run_with_oom_retry(run: Callable[[int], T], tile: int) -> T:
-    """`run(tile)`, retried with half-size tiles after a CUDA out-of-memory error, down to
-    MIN_TILE; then TilingOutOfMemoryError."""
+def run_with_oom_retry(run: Callable[[int], T], tile: int, factor: int) -> T:
+    """`run(tile)`, retried with half-size tiles (multiples of the latent factor) after a CUDA
+    out-of-memory error, down to MIN_TILE; then TilingOutOfMemoryError."""
     while True:
         try:
             return run(tile)
@@ -165,7 +170,7 @@ def run_with_oom_retry(run: Callable[[int], T], tile: int) -> T:
                 torch.cuda.empty_cache()
             if tile <= MIN_TILE:
                 raise TilingOutOfMemoryError(f"out of device memory even with {tile}-pixel latent tiles") from err
-            tile = max(MIN_TILE, tile // 2 // LATENT_FACTOR * LATENT_FACTOR)
+            tile = max(MIN_TILE, tile // 2 // factor * factor)
 
 
 def estimator_view(lowres: torch.Tensor, max_side: int = ESTIMATOR_MAX_SIDE) -> torch.Tensor:

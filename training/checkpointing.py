@@ -35,9 +35,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def save_checkpoint(
     folder: Path, model: S3DiffModel, files: BaseFiles | None, training_state: dict[str, Any], merged_dtype: str,
+    pre_resize: str,
 ) -> None:
+    """`pre_resize`: what the run trains with, recorded in the merged config for serving."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_merged(model, folder / "merged", dtype=merged_dtype)
+    save_merged(model, folder / "merged", dtype=merged_dtype, pre_resize=pre_resize)
     if files is None:
         training_state = {**training_state, "model": model.state_dict()}
     else:

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from s3diff_serve.model.config import PRE_RESIZE_MODES, PRESETS
+
 Range = tuple[float, float]
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 
@@ -84,7 +86,7 @@ class ModelSource(Section):
     """Either real SD-Turbo weights (+ de_net.pth, optionally an s3diff.pkl to start from) or a
     seeded random `preset` written to `<output_dir>/base` (tiny: CPU smoke runs and tests)."""
 
-    preset: Literal["tiny", "demo", "sd-turbo"] | None = None
+    preset: Literal[tuple(PRESETS)] | None = None
     sd_turbo_dir: Path | None = None
     de_net_pth: Path | None = None
     init_s3diff_pkl: Path | None = None
@@ -95,8 +97,13 @@ class ModelSource(Section):
     # from the preset's seeded random weights; no released files are read or written.
     train_all: bool = False
     # train_all only: start from these merged weights (e.g. model/builtin/demo, to train the demo
-    # further on a machine without the run's checkpoints) instead of random ones.
+    # further on a machine without the run's checkpoints) instead of random ones. Weights of
+    # another VAE depth start what fits (model_setup.init_from_merged).
     init_merged: Path | None = None
+    # The x4 resize of the low-res input (bilinear | bicubic), recorded in every saved merged
+    # config so serving resizes as training did. None: init_merged's own, else bicubic (the
+    # paper's training code).
+    pre_resize: Literal[PRE_RESIZE_MODES] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":

@@ -1,6 +1,7 @@
 """Real-ESRGAN two-stage degradation on batches of torch tensors (the degradation S3Diff is trained
 on, with the numbers of `DegradationConfig`): blur -> resize -> noise -> JPEG, twice, with the
-final sinc filter and the last resize/JPEG in random order. HR in, (LR, HR, LR resized back to HR size with bicubic) out.
+final sinc filter and the last resize/JPEG in random order. HR in, (LR, HR) and the applied scores
+out; the trainer brings the LR back to x4 with the weights' pre-resize (model.output_size.pre_resize).
 
 kornia does the filtering (`filter2d`) and the JPEG round trip (`jpeg_codec_differentiable`);
 resizing is torch's `F.interpolate`, as in Real-ESRGAN. Kernels are drawn in `kernels.py` and the
@@ -37,7 +38,6 @@ NOISE_STD_FULL = 20 / 255
 class DegradedBatch:
     lowres: torch.Tensor  # (B,3,H/scale,W/scale) in [0,1], quantised to 8 bits
     highres: torch.Tensor  # (B,3,H,W) the target
-    lowres_upscaled: torch.Tensor  # lowres resized to (H,W) with bicubic, clamped to [0,1]
     blur_score: torch.Tensor  # (B,) in [0,1], see BLUR_STD_FULL
     noise_score: torch.Tensor  # (B,) in [0,1], see NOISE_STD_FULL
 
@@ -166,6 +166,4 @@ class RealESRGANDegradation:
             blur_score, noise_score = blur_score.masked_fill(clean, 0), noise_score.masked_fill(clean, 0)
 
         lowres = (out.clamp(0, 1) * 255).round() / 255
-        upscaled = F.interpolate(lowres, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
-        return DegradedBatch(lowres=lowres, highres=highres, lowres_upscaled=upscaled,
-                             blur_score=blur_score.float(), noise_score=noise_score.float())
+        return DegradedBatch(lowres=lowres, highres=highres, blur_score=blur_score.float(), noise_score=noise_score.float())

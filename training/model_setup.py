@@ -5,6 +5,8 @@ built-in demo model) the preset's architecture is built from scratch and every w
 """
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +14,26 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from s3diff_serve.model.checkpoints import (
-    encode_prompts, load_de_net_into, load_merged, load_release, load_sd_turbo, read_scheduler_config,
+    encode_prompts, load_de_net_into, load_merged, load_release, load_sd_turbo, read_merged_config, read_scheduler_config,
 )
 from s3diff_serve.model.config import NEGATIVE_PROMPT, POSITIVE_PROMPT, PRESETS, SCHEDULER_CONFIG
 from s3diff_serve.model.s3diff import S3DiffModel
 
 from .config import ModelSource
+
+logger = logging.getLogger(__name__)
+DEFAULT_TRAINING_PRE_RESIZE = "bicubic"  # the paper's training code
+DECODER_UP_BLOCK = re.compile(r"^vae\.decoder\.up_blocks\.(\d+)\.")
+
+
+def resolve_pre_resize(source: ModelSource) -> str:
+    """The x4 pre-resize this run trains with (and records in its merged configs): the
+    configured one, else that of the init_merged weights, else bicubic."""
+    if source.pre_resize is not None:
+        return source.pre_resize
+    if source.init_merged is not None:
+        return read_merged_config(source.init_merged).pre_resize
+    return DEFAULT_TRAINING_PRE_RESIZE
 
 
 @dataclass
@@ -82,7 +98,7 @@ def build_trainable_model(files: BaseFiles | None, source: ModelSource, seed: in
         model = scratch_model(source, seed)
         if source.init_merged is not None:
             start, _ = load_merged(source.init_merged)
-            model.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+            init_from_merged(model, start)
         # peft's add_adapter froze the base weights; from scratch, they train too.
         return model.requires_grad_(True).train()
     if files.init_s3diff_pkl is not None:
@@ -95,6 +111,36 @@ def build_trainable_model(files: BaseFiles | None, source: ModelSource, seed: in
     if source.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     return model.train()
+
+
+@torch.no_grad()
+def init_from_merged(model: S3DiffModel, start: S3DiffModel) -> list[str]:
+    """Copy `start`'s tensors into `model` wherever they fit; returns the names left at their
+    fresh init. Same architecture: every tensor. A VAE with fewer levels (a smaller latent
+    factor) is `start` with its lowest-resolution level removed: encoder blocks keep their
+    index (the last one loses nothing but a downsampler), and decoder up-block i is `start`'s
+    up-block i + (levels removed), the ones that work at the same image resolutions."""
+    shift = len(start.vae.config.block_out_channels) - len(model.vae.config.block_out_channels)
+    source = start.state_dict()
+    target = model.state_dict()
+
+    def source_name(name: str) -> str:
+        match = DECODER_UP_BLOCK.match(name)
+        if shift <= 0 or match is None:
+            return name
+        return f"vae.decoder.up_blocks.{int(match.group(1)) + shift}.{name[match.end():]}"
+
+    fresh = []
+    for name, tensor in target.items():
+        value = source.get(source_name(name))
+        if value is None or value.shape != tensor.shape:
+            fresh.append(name)
+        else:
+            tensor.copy_(value.float())
+    if fresh:
+        logger.warning("init_merged: %d of %d tensors do not fit and keep their fresh init (first: %s)",
+                       len(fresh), len(target), fresh[0])
+    return fresh
 
 
 def optimized_parameters(model: S3DiffModel, source: ModelSource) -> list[torch.nn.Parameter]:

@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 from s3diff_serve.evaluation.metrics import LPIPS
 from s3diff_serve.model.color_fix import color_fix
 from s3diff_serve.model.degradation_estimator import BLUR_INDEX, NOISE_INDEX
+from s3diff_serve.model.output_size import pre_resize
 
 from .checkpointing import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import build_dataloader
 from .degradations import RealESRGANDegradation
 from .discriminator import DinoDiscriminator
-from .model_setup import build_trainable_model, optimized_parameters, resolve_base_files, set_train_mode
+from .model_setup import build_trainable_model, optimized_parameters, resolve_base_files, resolve_pre_resize, set_train_mode
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Trainer:
         with self.accelerator.main_process_first():
             self.files = resolve_base_files(config.model, self.output_dir, config.seed)
         model = build_trainable_model(self.files, config.model, config.seed)
+        self.pre_resize = resolve_pre_resize(config.model)  # saved into every merged config
         optim = config.optim
         self.parameters = optimized_parameters(model, config.model)
         unet_ids = {id(p) for p in model.unet.parameters()}
@@ -143,7 +145,7 @@ class Trainer:
             if self.discriminator is not None:
                 state["disc_optimizer"] = self.disc_optimizer.state_dict()
                 state["disc_heads"] = self.raw_discriminator.heads.state_dict()
-            save_checkpoint(folder, self.raw_model, self.files, state, self.config.merged_dtype)
+            save_checkpoint(folder, self.raw_model, self.files, state, self.config.merged_dtype, self.pre_resize)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -159,7 +161,8 @@ class Trainer:
         batch = self.degrade(highres, generator)
         negatives = draw_negatives(highres.shape[0], self.config.negative_prompt_probability, generator).to(highres.device)
         raw = self.raw_model
-        target, states = negative_prompting(negatives, batch.highres, batch.lowres_upscaled, raw.positive_embeds, raw.negative_embeds)
+        upscaled = pre_resize(batch.lowres, self.pre_resize)
+        target, states = negative_prompting(negatives, batch.highres, upscaled, raw.positive_embeds, raw.negative_embeds)
         estimator_loss = highres.new_zeros(())
         with torch.set_grad_enabled(self.config.losses.estimator_weight > 0):
             estimated = raw.estimate(batch.lowres)  # the estimator reads the LR before upscaling
@@ -171,7 +174,7 @@ class Trainer:
             blur, noise = batch.blur_score, batch.noise_score
         else:
             blur, noise = estimated[:, BLUR_INDEX].detach(), estimated[:, NOISE_INDEX].detach()
-        source = batch.lowres_upscaled * 2 - 1
+        source = upscaled * 2 - 1
         prediction = self.model(source, blur, noise, states).float()
         if self.config.losses.color_fix != "none":
             prediction = color_fix(prediction, source, self.config.losses.color_fix)
@@ -249,7 +252,7 @@ class Trainer:
         raw.eval()
         try:
             scores = raw.estimate(batch.lowres)
-            source = batch.lowres_upscaled * 2 - 1
+            source = pre_resize(batch.lowres, self.pre_resize) * 2 - 1
             prediction = raw(source, scores[:, BLUR_INDEX], scores[:, NOISE_INDEX]).float()
             if self.config.losses.color_fix != "none":
                 prediction = color_fix(prediction, source, self.config.losses.color_fix)

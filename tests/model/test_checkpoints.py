@@ -116,6 +116,8 @@ def test_convert_then_load_is_bit_identical_to_release(tiny_release, loaded, tmp
     config = json.loads((out / "config.json").read_text())
     assert config["guidance_scale"] == 1.07 and config["color_fix"] == "wavelet"
     assert config["rank_unet"] == 32 and config["tiling"]["latent_tile"] == 96
+    # released weights: the reference inference code's bilinear pre-resize, SD's factor-8 VAE
+    assert config["pre_resize"] == "bilinear" and config["latent_factor"] == 8
     assert config["weights_id"] == weights_hash(out)
     merged, _ = load_merged(out)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in merged.state_dict().items())
@@ -156,3 +158,33 @@ def test_merged_dtype_and_corrupt_merged_folder(tiny_release, tmp_path):
         load_merged(tmp_path / "bf16")
     with pytest.raises(CheckpointError, match="config.json: file not found"):
         load_merged(tmp_path / "nowhere")
+
+
+def test_pre_resize_and_latent_factor_are_recorded_with_the_weights(tmp_path):
+    """Both are properties of a set of weights: the pre-resize as trained, the latent factor from
+    the VAE's depth (2 ** (levels - 1)); a config.json whose factor contradicts its VAE is refused."""
+    from s3diff_serve.model.checkpoints import read_merged_config, save_merged
+    from s3diff_serve.model.presets import build_model
+
+    for preset, levels, factor in (("tiny", 4, 8), ("tiny-f4", 3, 4)):
+        model = build_model(preset, seed=1)
+        assert len(model.vae.config.block_out_channels) == levels
+        folder = tmp_path / preset
+        save_merged(model, folder, dtype="fp32", pre_resize="bicubic")
+        stored = json.loads((folder / "config.json").read_text())
+        assert stored["pre_resize"] == "bicubic" and stored["latent_factor"] == factor
+        config = read_merged_config(folder)
+        assert config.pre_resize == "bicubic" and config.latent_factor == factor
+        pipe = S3DiffPipeline.from_merged(folder, device="cpu", dtype="fp32")
+        assert pipe.latent_factor == factor and pipe.plan(16, 24).latent_size == (64 // factor, 128 // factor)
+    stored["latent_factor"] = 8
+    (folder / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(CheckpointError, match="latent_factor 8 does not match the VAE config"):
+        read_merged_config(folder)
+    stored["latent_factor"], stored["pre_resize"] = 4, "nearest"
+    (folder / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(CheckpointError, match="pre_resize must be one of bilinear, bicubic"):
+        read_merged_config(folder)
+    del stored["pre_resize"]  # merged folders written before the field existed: bilinear
+    (folder / "config.json").write_text(json.dumps(stored))
+    assert read_merged_config(folder).pre_resize == "bilinear"

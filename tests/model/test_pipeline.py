@@ -184,3 +184,25 @@ def test_reflect_padding_matches_torch_and_handles_tiny_inputs():
     assert torch.equal(pad_to_multiple(image), expected)
     tiny = pad_to_multiple(torch.rand(1, 3, 4, 1))
     assert tuple(tiny.shape) == (1, 3, 64, 64)
+
+
+def test_the_pre_resize_is_the_weights_own(pipe, lowres):
+    """Bilinear (the released weights) or bicubic, as the merged config says; bicubic's overshoot
+    is clamped, as the training input is. Computed independently with Pillow's filters, which
+    use other kernels (bicubic a = -0.5 vs torch's -0.75), so only closeness is asserted."""
+    import dataclasses
+
+    from PIL import Image
+
+    image = lowres[:1]
+    plane = image[0, 0].numpy()
+    size = (plane.shape[1] * 4, plane.shape[0] * 4)
+    resized = {}
+    for mode, pil_filter in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+        other = S3DiffPipeline(pipe.model, dataclasses.replace(pipe.config, pre_resize=mode), "cpu", "fp32")
+        resized[mode] = other.upscale(image)
+        reference = torch.from_numpy(np.array(Image.fromarray(plane).resize(size, pil_filter)))
+        assert (resized[mode][0, 0] - reference).abs().mean() < 0.02, mode
+    assert resized["bicubic"].min() >= 0 and resized["bicubic"].max() <= 1
+    assert (resized["bicubic"] - resized["bilinear"]).abs().mean() > 0.005
+    assert torch.equal(pipe.upscale(image), resized["bilinear"])  # the released weights' default

@@ -15,6 +15,7 @@ from torch import nn
 from s3diff_serve.model import S3DiffPipeline
 from s3diff_serve.model.color_fix import color_fix
 from s3diff_serve.model.config import MergedConfig
+from s3diff_serve.model.options import UpscaleOptions
 from s3diff_serve.model.pipeline import pad_to_multiple
 from s3diff_serve.model.presets import build_model
 from s3diff_serve.model.tiling import (
@@ -26,7 +27,7 @@ from s3diff_serve.model.tiling import (
 @settings(max_examples=80, deadline=None)
 @given(length=st.integers(1, 400).map(lambda n: 8 * n), tile=st.integers(4, 40).map(lambda n: 8 * n))
 def test_tile_starts_cover_with_overlap_on_the_latent_grid(length, tile):
-    overlap = overlap_for(tile)
+    overlap = overlap_for(tile, 8)
     starts = tile_starts(length, tile, overlap)
     assert starts[0] == 0 and starts == sorted(set(starts))
     assert min(length, starts[-1] + tile) == length
@@ -131,8 +132,16 @@ def tiny_pipe():
     return S3DiffPipeline(build_model("tiny", seed=5), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "fp32")
 
 
-def test_image_in_one_tile_gives_exactly_the_untiled_output(tiny_pipe):
+@pytest.fixture(scope="module")
+def tiny_f4_pipe():
+    return S3DiffPipeline(build_model("tiny-f4", seed=5), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "fp32")
+
+
+@pytest.mark.parametrize("pipe_name, factor", [("tiny_pipe", 8), ("tiny_f4_pipe", 4)])
+def test_image_in_one_tile_gives_exactly_the_untiled_output(pipe_name, factor, request):
     """The default tiling on a small image against the stages run by hand without any tiling."""
+    tiny_pipe = request.getfixturevalue(pipe_name)
+    assert tiny_pipe.latent_factor == factor
     lowres = torch.rand(1, 3, 16, 22, generator=torch.Generator().manual_seed(2))
     result = tiny_pipe.enhance(lowres, noise=0.3, blur=0.6)
     model = tiny_pipe.model
@@ -175,7 +184,7 @@ def test_oom_retry_gives_up_with_a_clear_error():
         tried.append(tile)
         raise torch.cuda.OutOfMemoryError("simulated")
     with pytest.raises(TilingOutOfMemoryError, match="32-pixel"):
-        run_with_oom_retry(always_oom, 128)
+        run_with_oom_retry(always_oom, 128, 8)
     assert tried == [128, 64, 32]
 
 
@@ -188,15 +197,18 @@ def test_oom_retry_gives_up_with_a_clear_error():
 ])
 def test_cuda_tile_size_follows_free_memory(monkeypatch, free_bytes, dtype, expected):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_bytes, 2 * free_bytes))
-    assert choose_tile_size(torch.device("cuda"), dtype) == expected
-    assert choose_tile_size(torch.device("cuda"), dtype, requested=48) == 48
+    assert choose_tile_size(torch.device("cuda"), dtype, 8) == expected
+    assert choose_tile_size(torch.device("cuda"), dtype, 8, requested=48) == 48
 
 
 def test_cpu_tile_size_and_validation():
-    assert choose_tile_size(torch.device("cpu"), torch.float32) == 96
+    assert choose_tile_size(torch.device("cpu"), torch.float32, 8) == 96
     for bad in (24, 100):
         with pytest.raises(ValueError, match="multiple of 8"):
-            choose_tile_size(torch.device("cpu"), torch.float32, requested=bad)
+            choose_tile_size(torch.device("cpu"), torch.float32, 8, requested=bad)
+    assert choose_tile_size(torch.device("cpu"), torch.float32, 4, requested=100) == 100  # factor 4: multiples of 4
+    with pytest.raises(ValueError, match="multiple of 4"):
+        choose_tile_size(torch.device("cpu"), torch.float32, 4, requested=98)
 
 
 def test_bad_tile_size_is_an_input_error(tiny_pipe):
@@ -217,6 +229,62 @@ def test_tiled_vae_round_trip_matches_untiled_in_shape_and_grid():
     image = torch.rand(1, 3, 320, 192)
     encode = lambda tile: F.avg_pool2d(tile, 8)  # noqa: E731
     decode = lambda latent: F.interpolate(latent, scale_factor=8, mode="nearest")  # noqa: E731
-    latent = tiled_vae_encode(encode, image, tile=32)
+    latent = tiled_vae_encode(encode, image, 8, tile=32)
     assert latent.shape == (1, 3, 40, 24)
-    torch.testing.assert_close(tiled_vae_decode(decode, latent, tile=32), decode(encode(image)), atol=2e-6, rtol=0)
+    torch.testing.assert_close(tiled_vae_decode(decode, latent, 8, tile=32), decode(encode(image)), atol=2e-6, rtol=0)
+
+
+
+class StandInVAE:
+    """A VAE of latent factor f made of GroupNormNet (the decoder's building blocks): encode is
+    the net then an f x f average pool, decode an f x bilinear upsample then the net. Swapped into
+    a tiny model's pipeline (UNet output zeroed, so the t=999 step only rescales the latent), it
+    makes the pipeline's own tiling at factor f the only source of error, as for factor 8 above."""
+
+    def __init__(self, factor: int, alpha_bar: float):
+        self.net, self.factor, self.alpha_bar = GroupNormNet().eval(), factor, alpha_bar
+
+    def encode(self, image, *args):
+        return F.pad(F.avg_pool2d(self.net(image), self.factor), (0, 0, 0, 0, 0, 1))  # 4 latent channels
+
+    def decode(self, latent):
+        return self.net(F.interpolate(latent[:, :3] * self.alpha_bar**0.5, scale_factor=self.factor, mode="bilinear"))
+
+
+def _tiled_and_untiled(preset: str, lowres: torch.Tensor, image_tile: int, monkeypatch):
+    """A tiny model of `preset` through the pipeline with its VAE swapped for StandInVAE at the
+    model's latent factor, untiled and with latent tiles that cover `image_tile` image pixels."""
+    model = build_model(preset, seed=5)
+    with torch.no_grad():
+        model.unet.conv_out.weight.zero_()
+        model.unet.conv_out.bias.zero_()
+    pipe = S3DiffPipeline(model, MergedConfig(unet={}, vae=dict(model.vae.config), scheduler={}), "cpu", "fp32")
+    stand_in = StandInVAE(pipe.latent_factor, model.alpha_bar)
+    monkeypatch.setattr(model, "encode", stand_in.encode)
+    monkeypatch.setattr(model, "decode", stand_in.decode)
+    options = UpscaleOptions(noise=0.3, blur=0.3, color_fix="none")
+    tile = image_tile // pipe.latent_factor
+    untiled = pipe.enhance(lowres, options, tile_size=512).images
+    tiled = pipe.enhance(lowres, options, tile_size=tile).images
+    return pipe.latent_factor, pipe.plan(*lowres.shape[-2:], options, tile), tiled, untiled
+
+
+def test_a_factor_4_model_tiles_without_seams_within_the_factor_8_bound(astronaut, monkeypatch):
+    """The latent factor comes from the weights' VAE: a factor-4 model plans, pads and tiles on
+    its own latent grid, and its tiles blend within the bound that factor 8 meets. Tiles of 384
+    image pixels give both factors the same image-space geometry (overlap 128 px: latent 16 at
+    factor 8, 32 at factor 4), so only the factor differs."""
+    lowres = F.interpolate(astronaut, size=(128, 192), mode="area")  # model size 512 x 768
+    measured = {}
+    for preset in ("tiny", "tiny-f4"):
+        factor, plan, tiled, untiled = _tiled_and_untiled(preset, lowres, 384, monkeypatch)
+        assert plan.latent_factor == factor and plan.latent_size == (512 // factor, 768 // factor)
+        assert plan.tiles == 6 and plan.work_pixels == 6 * 384 * 384  # 2 x 3 tiles of 384 image px
+        assert overlap_for(384 // factor, factor) * factor == 128
+        assert tiled.shape == untiled.shape == (1, 3, 512, 768)
+        seams = max(_seam_ratio(tiled, untiled, 384, 128, axis) for axis in (2, 3))
+        measured[factor] = (seams, (tiled - untiled).abs().mean().item())
+    assert set(measured) == {8, 4}
+    # Measured (worse axis's seam ratio, mean |tiled - untiled|): factor 8 1.05 / 0.040; factor 4 1.02 / 0.043.
+    for seams, difference in measured.values():
+        assert seams <= 1.1 and difference < 0.065, measured

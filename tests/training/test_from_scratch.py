@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from s3diff_serve.model.checkpoints import read_merged_config, save_merged
 from s3diff_serve.model.config import TIMESTEP
 from s3diff_serve.training.config import DegradationConfig, LossConfig, ModelSource, TrainConfig
 from s3diff_serve.training.degradations import NOISE_STD_FULL, RealESRGANDegradation, kernel_std
 from s3diff_serve.training.kernels import gaussian_family
-from s3diff_serve.training.model_setup import build_trainable_model
+from s3diff_serve.training.model_setup import build_trainable_model, init_from_merged, resolve_pre_resize
 from s3diff_serve.training.trainer import Trainer
 
 from .conftest import TINY_CONFIG
@@ -104,6 +105,8 @@ def test_a_scratch_checkpoint_restores_the_whole_model(scratch_run, tmp_path):
     trainer.step = 2
     folder = trainer.save()
     assert (folder / "merged" / "config.json").is_file() and not (folder / "s3diff.pkl").exists()
+    # the pre-resize it trained with (bicubic: the paper's training code) goes with the weights
+    assert trainer.pre_resize == "bicubic" and read_merged_config(folder / "merged").pre_resize == "bicubic"
     config = scratch_config(trainer.config.output_dir, resume_from=folder)
     config.data = trainer.config.data
     resumed = Trainer(config)
@@ -148,8 +151,6 @@ def test_a_resumed_run_drops_the_log_rows_past_its_checkpoint(tmp_path):
 
 
 def test_training_can_start_from_merged_weights(tmp_path):
-    from s3diff_serve.model.checkpoints import save_merged
-
     source = ModelSource(preset="tiny", train_all=True, rank_unet=4, rank_vae=4)
     trained = build_trainable_model(None, source, seed=5)
     save_merged(trained, tmp_path / "merged", dtype="fp32")
@@ -157,3 +158,46 @@ def test_training_can_start_from_merged_weights(tmp_path):
     for (name, a), b in zip(trained.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert all(p.requires_grad for p in again.parameters())
+
+
+def test_the_training_pre_resize_comes_from_the_config_else_the_starting_weights(tmp_path):
+    source = ModelSource(preset="tiny", train_all=True, rank_unet=4, rank_vae=4)
+    assert resolve_pre_resize(source) == "bicubic"
+    save_merged(build_trainable_model(None, source), tmp_path / "merged", dtype="fp32", pre_resize="bilinear")
+    started = source.model_copy(update={"init_merged": tmp_path / "merged"})
+    assert resolve_pre_resize(started) == "bilinear"
+    assert resolve_pre_resize(started.model_copy(update={"pre_resize": "bicubic"})) == "bicubic"
+
+
+def test_the_trainer_feeds_the_model_its_pre_resize(scratch_run, monkeypatch):
+    """The x4 input of a training step is model.output_size.pre_resize of the degraded LR with the
+    run's mode: the same function serving calls."""
+    from s3diff_serve.model.output_size import pre_resize
+
+    trainer, _, _ = scratch_run
+    seen = []
+    monkeypatch.setattr(trainer.raw_model, "forward", lambda source, *args: seen.append(source) or source)
+    highres = next(iter(trainer.loader))
+    trainer.generator_prediction(highres, torch.Generator().manual_seed(4))
+    lowres = trainer.degrade(highres, torch.Generator().manual_seed(4)).lowres
+    assert torch.equal(seen[0], pre_resize(lowres, "bicubic") * 2 - 1)
+
+
+def test_a_shallower_vae_starts_from_the_deeper_ones_matching_levels():
+    """Factor 4 from factor 8 weights: the encoder keeps its block indices, decoder up-block i
+    comes from up-block i + 1 (the same image resolutions); with the tiny presets all of it fits."""
+    deep = build_trainable_model(None, ModelSource(preset="tiny", train_all=True, rank_unet=4, rank_vae=4), seed=3)
+    shallow = build_trainable_model(None, ModelSource(preset="tiny-f4", train_all=True, rank_unet=4, rank_vae=4), seed=4)
+    assert init_from_merged(shallow, deep) == []
+    deep_state, shallow_state = deep.state_dict(), shallow.state_dict()
+    for name, value in shallow_state.items():
+        source = name
+        if name.startswith("vae.decoder.up_blocks."):
+            index = int(name.split(".")[3])
+            source = name.replace(f"up_blocks.{index}.", f"up_blocks.{index + 1}.", 1)
+        assert torch.equal(value, deep_state[source]), name
+    assert "vae.encoder.down_blocks.2.downsamplers.0.conv.base_layer.weight" in deep_state  # dropped
+    # what does not fit keeps its init: a wider UNet input cannot come from the tiny one
+    wider = build_trainable_model(None, ModelSource(preset="demo-f4", train_all=True, rank_unet=4, rank_vae=4), seed=4)
+    fresh = init_from_merged(wider, deep)
+    assert "unet.conv_in.weight" in fresh and "de_net.conv_first.0.weight" not in fresh
