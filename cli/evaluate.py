@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from s3diff_serve.evaluation.cache import MissingWeightsError
-    from s3diff_serve.evaluation.evaluate import evaluate, format_table
+    from s3diff_serve.evaluation.evaluate import bicubic_lowres, evaluate, format_table
     from s3diff_serve.model.errors import S3DiffError
 
     if not args.data.is_dir():
@@ -60,8 +60,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     weights = args.weights
     try:
+        if args.degradation == "realistic":
+            from s3diff_serve.training.degradations import realistic_lowres as make_lowres
+        else:
+            make_lowres = bicubic_lowres
         result = evaluate(args.data, args.out, methods=args.methods, weights=weights, degradation=args.degradation,
-                          crop=args.crop, limit=args.limit, split=args.split, seed=args.seed, device=args.device)
+                          crop=args.crop, limit=args.limit, split=args.split, seed=args.seed, device=args.device,
+                          make_lowres=make_lowres)
     except MissingWeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -41,29 +41,21 @@ def centre_crop(image: np.ndarray, crop: int) -> np.ndarray:
     return image[top:top + side, left:left + side]
 
 
-def make_lowres(highres: np.ndarray, degradation: str, seed: int, index: int) -> np.ndarray:
-    """uint8 LR (1/4 size) of a uint8 HR crop. `realistic` draws its degradation from a generator
-    seeded by (seed, index), so each photo gets the same LR in every run."""
+LowresMaker = Callable[[np.ndarray, int, int], np.ndarray]  # (uint8 HR crop, seed, photo index) -> uint8 LR
+
+
+def bicubic_lowres(highres: np.ndarray, seed: int = 0, index: int = 0) -> np.ndarray:
+    """The `clean` LR: bicubic x1/4 of a uint8 HR crop (seed and index play no part)."""
     height, width = highres.shape[:2]
-    if degradation == "clean":
-        return np.asarray(Image.fromarray(highres).resize((width // SCALE, height // SCALE), Image.BICUBIC))
-    if degradation == "realistic":
-        from s3diff_serve.training.config import DegradationConfig
-        from s3diff_serve.training.degradations import RealESRGANDegradation
-
-        batch = _to_tensor(highres)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        lowres = RealESRGANDegradation(DegradationConfig())(batch, generator).lowres
-        return _to_uint8(lowres[0])
-    raise ValueError(f"degradation must be one of {DEGRADATIONS}, got {degradation!r}")
+    return np.asarray(Image.fromarray(highres).resize((width // SCALE, height // SCALE), Image.BICUBIC))
 
 
-def _to_tensor(hwc: np.ndarray) -> torch.Tensor:
+def to_tensor(hwc: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> float (1,3,H,W) in [0,1]; copied, as decoded arrays are read-only."""
     return torch.from_numpy(np.array(hwc)).permute(2, 0, 1)[None].float().div(255)
 
 
-def _to_uint8(chw: torch.Tensor) -> np.ndarray:
+def to_uint8(chw: torch.Tensor) -> np.ndarray:
     return chw.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
@@ -90,7 +82,7 @@ def load_methods(methods, weights: Path | None, device: str) -> tuple[dict[str, 
             # fp32 eager wherever it runs, so numbers compare across machines (bf16 moves outputs by
             # a few 8-bit levels; docs/model.md, "Compiled fast path").
             pipe = S3DiffPipeline.from_merged(weights, device=device, dtype="fp32", compile="off")
-            runners[name] = lambda lr, pipe=pipe: _to_uint8(pipe.enhance(_to_tensor(lr)).images[0])
+            runners[name] = lambda lr, pipe=pipe: to_uint8(pipe.enhance(to_tensor(lr)).images[0])
             weights_info = {"source": pipe.source, "id": pipe.weights_id}
         else:
             raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
@@ -126,9 +118,13 @@ def read_highres(path: Path, crop: int) -> np.ndarray:
 
 def evaluate(data_dir: Path, out_dir: Path, methods=("s3diff", "bicubic", "realesrgan"), weights: Path | None = None,
              degradation: str = "clean", crop: int = 512, limit: int | None = None, split: str = "validation",
-             seed: int = 0, progress: bool = True, device: str | None = None) -> dict:
+             seed: int = 0, progress: bool = True, device: str | None = None,
+             make_lowres: LowresMaker = bicubic_lowres) -> dict:
     """Run and measure every method on the folder's images (`images_to_evaluate`: the corpus
-    split, or every image below the folder); writes and returns the record."""
+    split, or every image below the folder); writes and returns the record. `make_lowres` makes
+    each LR from its HR crop and `degradation` names it in the record: `s3diff evaluate` passes
+    training's seeded Real-ESRGAN degradation for `realistic`
+    (`s3diff_serve.training.degradations.realistic_lowres`; evaluation never imports training)."""
     from tqdm import tqdm
 
     from s3diff_serve.evaluation.contact_sheet import Tile, contact_sheet
@@ -140,6 +136,8 @@ def evaluate(data_dir: Path, out_dir: Path, methods=("s3diff", "bicubic", "reale
         raise ValueError(f"crop must be a positive multiple of {SCALE}, got {crop}")
     if degradation not in DEGRADATIONS:
         raise ValueError(f"degradation must be one of {DEGRADATIONS}, got {degradation!r}")
+    if (degradation == "clean") != (make_lowres is bicubic_lowres):
+        raise ValueError(f"degradation {degradation!r} does not name make_lowres {make_lowres.__name__}")
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods must be distinct and not empty, got {methods}")
     photos = images_to_evaluate(data_dir, split)[:limit]
@@ -163,7 +161,7 @@ def evaluate(data_dir: Path, out_dir: Path, methods=("s3diff", "bicubic", "reale
             tqdm.write(f"skipped {relative}: {err}", file=sys.stderr)
             continue
         name_stem = str(Path(relative).with_suffix(""))
-        lowres = make_lowres(highres, degradation, seed, index)
+        lowres = make_lowres(highres, seed, index)
         _save(out_dir, name_stem, "hr", highres)
         _save(out_dir, name_stem, "lr", lowres)
         row = [Tile(f"{name_stem}: LR", lowres)]

@@ -175,11 +175,9 @@ class UpscaleHandler:
         progress = requests[0].progress if len(requests) == 1 else None
         if progress is not None:
             progress(0, requests[0].plan.work_units)  # started
-        result = pipeline.enhance(
-            torch.stack([request.image.rgb for request in requests]),
-            requests[0].options,  # batch-mates share everything but noise/blur (batch_key)
-            noise=[request.options.noise for request in requests],
-            blur=[request.options.blur for request in requests],
+        result = pipeline.execute(  # the plan made at decode, run as it is (batch-mates share it: batch_key)
+            torch.stack([request.image.rgb for request in requests]), requests[0].plan,
+            noise=[request.options.noise for request in requests], blur=[request.options.blur for request in requests],
             progress=progress,
         )
         stage_seconds = {stage: seconds for stage, seconds in result.timings.items() if stage != "total"}

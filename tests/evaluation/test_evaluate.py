@@ -17,7 +17,8 @@ from s3diff_serve.cli import evaluate as cli_evaluate
 from s3diff_serve.evaluation import metrics
 from s3diff_serve.evaluation.cache import MissingWeightsError
 from s3diff_serve.evaluation.contact_sheet import GAP, LINE
-from s3diff_serve.evaluation.evaluate import centre_crop, evaluate, make_lowres, mean_by_method
+from s3diff_serve.evaluation.evaluate import centre_crop, evaluate, mean_by_method
+from s3diff_serve.training.degradations import realistic_lowres
 from s3diff_serve.model import S3DiffPipeline
 
 CROP = 64
@@ -142,7 +143,9 @@ def test_contact_sheet_size(run):
 def test_same_lowres_in_every_run(corpus, tmp_path, degradation):
     lowres = []
     for name in ("first", "second"):
-        evaluate(corpus, tmp_path / name, methods=("bicubic",), degradation=degradation, crop=CROP, progress=False)
+        maker = {"make_lowres": realistic_lowres} if degradation == "realistic" else {}
+        evaluate(corpus, tmp_path / name, methods=("bicubic",), degradation=degradation, crop=CROP, progress=False,
+                 **maker)
         lowres.append([_png(tmp_path / name / "images" / "validation" / f"{i}_lr.png")
                         for i in ("a-camera", "b-chelsea")])
     for a, b in zip(*lowres):
@@ -192,10 +195,10 @@ def test_cli_evaluates_a_plain_folder(tmp_path, capsys):
 
 def test_realistic_lowres_depends_on_seed_and_photo():
     hr = centre_crop(skdata.astronaut(), CROP)
-    first = make_lowres(hr, "realistic", seed=0, index=0)
-    np.testing.assert_array_equal(first, make_lowres(hr, "realistic", seed=0, index=0))
-    assert not np.array_equal(first, make_lowres(hr, "realistic", seed=1, index=0))
-    assert not np.array_equal(first, make_lowres(hr, "realistic", seed=0, index=1))
+    first = realistic_lowres(hr, seed=0, index=0)
+    np.testing.assert_array_equal(first, realistic_lowres(hr, seed=0, index=0))
+    assert not np.array_equal(first, realistic_lowres(hr, seed=1, index=0))
+    assert not np.array_equal(first, realistic_lowres(hr, seed=0, index=1))
     assert first.dtype == np.uint8 and first.shape == (CROP // 4, CROP // 4, 3)
 
 

@@ -39,7 +39,7 @@ class FakePipeline:
     def __init__(self, dtype, fail: bool):
         self.dtype, self.fail, self.calls = dtype, fail, []
 
-    def enhance(self, images, options, **overrides):
+    def execute(self, images, plan, **overrides):
         self.calls.append((images.shape, overrides))
         if self.fail:
             raise NonFiniteOutputError("NaN")
