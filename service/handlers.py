@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import MappingProxyType
 from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping, Sequence
 
@@ -180,7 +181,7 @@ class UpscaleHandler:
             noise=[request.options.noise for request in requests], blur=[request.options.blur for request in requests],
             progress=progress,
         )
-        stage_seconds = {stage: seconds for stage, seconds in result.timings.items() if stage != "total"}
+        stage_seconds = MappingProxyType({stage: s for stage, s in result.timings.items() if stage != "total"})
         return [Upscaled(result.images[i], float(result.noise[i]), float(result.blur[i]), stage_seconds)
                 for i in range(len(requests))]
 
@@ -219,7 +220,7 @@ class EstimateHandler:
             scores = self.pipeline.estimate(torch.stack([request.image.rgb for request in requests]))
         finally:
             _record_device_memory(self.pipeline)
-        stage_seconds = {"estimate": time.perf_counter() - started}
+        stage_seconds = MappingProxyType({"estimate": time.perf_counter() - started})
         return [Scores(float(scores.noise[i]), float(scores.blur[i]), stage_seconds) for i in range(len(requests))]
 
     def encode(self, request: EstimateRequest, result: Scores) -> Reply:
