@@ -91,18 +91,43 @@ def _text_encoder(preset: str, device, dtype):
     return CLIPTextModel(CLIPTextConfig(**config)).to(device, dtype).eval()
 
 
+class _ReferenceStages:
+    """Steps 4-7 of the recipe (model/one_step.py) as the reference inference script runs them:
+    the encoder's LoRA unfolded, both prompts through the text encoder on every call, and two
+    UNet calls (positive, negative) instead of one fused call. Each stage is timed by `lap`."""
+
+    def __init__(self, model, text_encoder, ids, lap):
+        self.model, self.text_encoder, self.ids, self.lap = model, text_encoder, ids, lap
+
+    def encode(self, image, modulation):
+        latent = self.model.encode(image, modulation)
+        self.lap("encode")
+        return latent
+
+    def denoise(self, latent, modulation, guidance):
+        positive, negative = self.text_encoder(self.ids[:1])[0], self.text_encoder(self.ids[1:])[0]
+        self.lap("text_encoder")
+        eps_pos, eps_neg = (self.model.predict_noise(latent, modulation, 1.0, states) for states in (positive, negative))
+        clean = self.model.clean_sample(latent, eps_neg + guidance * (eps_pos - eps_neg))
+        self.lap("unet")
+        return clean
+
+    def decode(self, latent):
+        decoded = self.model.decode(latent)
+        self.lap("decode")
+        return decoded
+
+
 def reference_like(pipe, text_encoder, ids, lowres) -> dict[str, float]:
-    """The reference inference script's work, per stage, one image at a time: both prompts through
-    the text encoder, the estimator, the unfolded modulated encoder, two UNet calls, the step, the
-    decoder and the wavelet colour fix; run on `pipe`'s weights with its network calls eager."""
+    """The reference inference script's work, per stage, one image at a time: the estimator, then
+    the one-step recipe with `_ReferenceStages` (the weights' pre-resize, guidance and colour fix);
+    on `pipe`'s weights with its network calls eager."""
     import torch
 
-    from s3diff_serve.model.color_fix import color_fix
     from s3diff_serve.model.degradation_estimator import BLUR_INDEX, NOISE_INDEX
-    from s3diff_serve.model.pipeline import pad_to_multiple
+    from s3diff_serve.model.one_step import one_step
 
-    model, device, stages = pipe.model, pipe.device, {}
-    dtype = model.unet.dtype
+    model, device, stages, config = pipe.model, pipe.device, {}, pipe.config
     clock = [time.perf_counter()]
 
     def lap(stage: str) -> None:
@@ -112,23 +137,13 @@ def reference_like(pipe, text_encoder, ids, lowres) -> dict[str, float]:
         clock[0] = now
 
     start = clock[0]
+    reference = _ReferenceStages(model, text_encoder, ids, lap)
     with torch.inference_mode(), model.eager():
         for image in lowres.to(device).split(1):
-            positive, negative = text_encoder(ids[:1])[0], text_encoder(ids[1:])[0]
-            lap("text_encoder")
             scores = model.estimate(image)
             lap("estimate")
-            upscaled = pipe.upscale(image)
-            model.set_degradation(blur=scores[:, BLUR_INDEX], noise=scores[:, NOISE_INDEX])
-            latent = model.encode(pad_to_multiple(upscaled * 2 - 1))
-            lap("encode")
-            eps_pos, eps_neg = (model.unet(latent.to(dtype), 999, encoder_hidden_states=embeds.to(dtype)).sample.float()
-                                for embeds in (positive, negative))
-            x0 = model.clean_sample(latent, eps_neg + 1.07 * (eps_pos - eps_neg))
-            lap("unet")
-            decoded = model.decode(x0)[..., :upscaled.shape[-2], :upscaled.shape[-1]]
-            lap("decode")
-            color_fix(decoded * 0.5 + 0.5, upscaled, "wavelet").cpu()
+            one_step(model, image, scores[:, BLUR_INDEX], scores[:, NOISE_INDEX], reference,
+                     pre_resize=config.pre_resize, guidance=config.guidance_scale, color_fix=config.color_fix).cpu()
             lap("color_fix")
     stages["total"] = time.perf_counter() - start
     return stages
@@ -139,29 +154,27 @@ def _alternatives(pipe, lowres, repeats: int) -> dict[str, list[float]]:
     a random latent (what a bare decoder costs, against the decode stage of a whole run)."""
     import torch
 
-    from s3diff_serve.model.pipeline import pad_to_multiple
+    from s3diff_serve.model.one_step import pad_to_multiple
 
-    model, device = pipe.model, pipe.device
+    model, device, guidance = pipe.model, pipe.device, pipe.config.guidance_scale
     scores = pipe.estimate(lowres)
     image = pad_to_multiple(pipe.upscale(lowres.to(device)) * 2 - 1)
     found: dict[str, list[float]] = {k: [] for k in ("unet_fused", "unet_separate", "encode_folded", "encode_unfolded",
                                                      "decode_bare")}
     with torch.inference_mode(), model.eager():
-        model.set_degradation(blur=scores.blur.to(device), noise=scores.noise.to(device))
-        latent = model.encode(image)
+        modulation = model.degradation_modulation(blur=scores.blur.to(device), noise=scores.noise.to(device))
+        latent = model.encode(image, modulation.vae)
         random_latent = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)).to(device)
-        dtype = model.unet.dtype
 
         def separate_cfg() -> None:
             for embeds in (model.positive_embeds, model.negative_embeds):
-                batch = embeds.to(dtype).expand(latent.shape[0], -1, -1)
-                model.unet(latent.to(dtype), 999, encoder_hidden_states=batch)
+                model.predict_noise(latent, modulation.unet, 1.0, embeds.expand(latent.shape[0], -1, -1))
 
         for _ in range(repeats):
-            found["unet_fused"].append(_timed(lambda: model.predict_noise(latent, 1.07), device))
+            found["unet_fused"].append(_timed(lambda: model.predict_noise(latent, modulation.unet, guidance), device))
             found["unet_separate"].append(_timed(separate_cfg, device))
-            found["encode_unfolded"].append(_timed(lambda: model.encode(image), device))
-            found["encode_folded"].append(_timed(lambda: model.encode(image, fold=True), device))
+            found["encode_unfolded"].append(_timed(lambda: model.encode(image, modulation.vae), device))
+            found["encode_folded"].append(_timed(lambda: model.encode(image, modulation.vae, fold=True), device))
             found["decode_bare"].append(_timed(lambda: model.decode(random_latent), device))
     return found
 

@@ -1,6 +1,7 @@
-"""`s3diff evaluate`: measure S3Diff and the baselines on the photo corpus (metrics.json, images,
-contact sheet) and print the mean of each metric per method. Exit code 2 when nothing could start:
-no corpus, missing weights, bad options."""
+"""`s3diff evaluate`: measure S3Diff and the baselines on a folder of photos (the corpus `s3diff data
+fetch-photos` writes, or any folder of images) and print the mean of each metric per method
+(metrics.json, images, contact sheet). Exit code 2 when nothing could start: no images, missing
+weights, bad options."""
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,10 @@ def _crop(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate", help="measure S3Diff and baselines on the photo corpus")
+    parser = subparsers.add_parser("evaluate", help="measure S3Diff and baselines on a folder of photos")
     parser.add_argument("--data", required=True, type=Path, metavar="DIR",
-                        help="photo corpus written by `s3diff data fetch-photos DIR`")
+                        help="a folder of images (PNG/JPEG/WebP/TIFF, searched recursively), or the corpus "
+                             "`s3diff data fetch-photos DIR` writes (its manifest selects --split)")
     parser.add_argument("--weights", type=Path, metavar="MERGED_DIR",
                         help="merged S3Diff weights (default: the built-in demo model, as `s3diff upscale`)")
     parser.add_argument("--methods", type=_methods, default=METHODS,
@@ -38,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="clean: bicubic x1/4; realistic: seeded Real-ESRGAN degradation (default clean)")
     parser.add_argument("--crop", type=_crop, default=512, help="HR centre crop side, multiple of 4 (default 512)")
     parser.add_argument("--limit", type=positive_int, help="only the first N photos (by id)")
-    parser.add_argument("--split", choices=["train", "validation"], default="validation")
+    parser.add_argument("--split", choices=["train", "validation"], default="validation",
+                        help="the corpus split (only for a folder with the corpus manifest; default validation)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the realistic degradation (default 0)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
@@ -48,17 +51,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from s3diff_serve.evaluation.cache import MissingWeightsError
-    from s3diff_serve.evaluation.evaluate import evaluate, format_table
-    from s3diff_serve.evaluation.photos import MANIFEST_NAME
+    from s3diff_serve.evaluation.evaluate import bicubic_lowres, evaluate, format_table
     from s3diff_serve.model.errors import S3DiffError
 
-    if not (args.data / MANIFEST_NAME).is_file():
-        print(f"error: no {args.data / MANIFEST_NAME}; run `s3diff data fetch-photos {args.data}`", file=sys.stderr)
+    if not args.data.is_dir():
+        print(f"error: {args.data} is not a folder; give a folder of images, or write the photo corpus with "
+              f"`s3diff data fetch-photos {args.data}`", file=sys.stderr)
         return 2
     weights = args.weights
     try:
+        if args.degradation == "realistic":
+            from s3diff_serve.training.degradations import realistic_lowres as make_lowres
+        else:
+            make_lowres = bicubic_lowres
         result = evaluate(args.data, args.out, methods=args.methods, weights=weights, degradation=args.degradation,
-                          crop=args.crop, limit=args.limit, split=args.split, seed=args.seed, device=args.device)
+                          crop=args.crop, limit=args.limit, split=args.split, seed=args.seed, device=args.device,
+                          make_lowres=make_lowres)
     except MissingWeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

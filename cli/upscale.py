@@ -151,7 +151,9 @@ def upscale_file(pipe, source: Path, target: Path, exact: bool, forced_format: s
             tiles_bar.n = done
             tiles_bar.refresh()
         result = pipe.enhance(decoded.rgb[None], options, tile_size=tile_size, progress=on_progress)
-    encoded = encode_like(result.images[0], decoded, format=fmt, quality=options.quality)
+    if decoded.frames > 1:
+        tqdm.write(f"note: {source} has {decoded.frames} frames; only the first is upscaled", file=sys.stderr)
+    encoded = encode_like(result.images[0], decoded, format=fmt, quality=options.output_quality)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(encoded)
     return target

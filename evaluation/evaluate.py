@@ -1,8 +1,11 @@
-"""`s3diff evaluate`: every method on the same LR crops of the photo corpus, measured against the HR.
+"""`s3diff evaluate`: every method on the same LR crops of a folder of photos (the corpus, or any
+folder of images), measured against the HR.
 
 The crop, the LR and therefore the numbers depend only on the photos, `crop`, `degradation` and
-`seed`, so two runs (or two machines) compare like with like. Results go to `metrics.json`, the
-images to `images/`, and a side-by-side view to `contact_sheet.png`.
+`seed`, so two runs (or two machines) compare like with like. Results go to `metrics.json` (one
+row per image and method, with the image's path relative to the folder), the images to
+`images/`, and a side-by-side view to `contact_sheet.png`. Files that cannot be read are listed
+under `skipped` with the reason, and the rest is evaluated.
 """
 
 from __future__ import annotations
@@ -38,29 +41,21 @@ def centre_crop(image: np.ndarray, crop: int) -> np.ndarray:
     return image[top:top + side, left:left + side]
 
 
-def make_lowres(highres: np.ndarray, degradation: str, seed: int, index: int) -> np.ndarray:
-    """uint8 LR (1/4 size) of a uint8 HR crop. `realistic` draws its degradation from a generator
-    seeded by (seed, index), so each photo gets the same LR in every run."""
+LowresMaker = Callable[[np.ndarray, int, int], np.ndarray]  # (uint8 HR crop, seed, photo index) -> uint8 LR
+
+
+def bicubic_lowres(highres: np.ndarray, seed: int = 0, index: int = 0) -> np.ndarray:
+    """The `clean` LR: bicubic x1/4 of a uint8 HR crop (seed and index play no part)."""
     height, width = highres.shape[:2]
-    if degradation == "clean":
-        return np.asarray(Image.fromarray(highres).resize((width // SCALE, height // SCALE), Image.BICUBIC))
-    if degradation == "realistic":
-        from s3diff_serve.training.config import DegradationConfig
-        from s3diff_serve.training.degradations import RealESRGANDegradation
-
-        batch = _to_tensor(highres)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        lowres = RealESRGANDegradation(DegradationConfig())(batch, generator).lowres
-        return _to_uint8(lowres[0])
-    raise ValueError(f"degradation must be one of {DEGRADATIONS}, got {degradation!r}")
+    return np.asarray(Image.fromarray(highres).resize((width // SCALE, height // SCALE), Image.BICUBIC))
 
 
-def _to_tensor(hwc: np.ndarray) -> torch.Tensor:
+def to_tensor(hwc: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> float (1,3,H,W) in [0,1]; copied, as decoded arrays are read-only."""
     return torch.from_numpy(np.array(hwc)).permute(2, 0, 1)[None].float().div(255)
 
 
-def _to_uint8(chw: torch.Tensor) -> np.ndarray:
+def to_uint8(chw: torch.Tensor) -> np.ndarray:
     return chw.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
@@ -87,7 +82,7 @@ def load_methods(methods, weights: Path | None, device: str) -> tuple[dict[str, 
             # fp32 eager wherever it runs, so numbers compare across machines (bf16 moves outputs by
             # a few 8-bit levels; docs/model.md, "Compiled fast path").
             pipe = S3DiffPipeline.from_merged(weights, device=device, dtype="fp32", compile="off")
-            runners[name] = lambda lr, pipe=pipe: _to_uint8(pipe.enhance(_to_tensor(lr)).images[0])
+            runners[name] = lambda lr, pipe=pipe: to_uint8(pipe.enhance(to_tensor(lr)).images[0])
             weights_info = {"source": pipe.source, "id": pipe.weights_id}
         else:
             raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
@@ -110,26 +105,45 @@ def machine() -> dict:
     return info
 
 
+def read_highres(path: Path, crop: int) -> np.ndarray:
+    """The photo's centre crop (`centre_crop`), upright and RGB. Raises ValueError when the file
+    cannot be read as an image or is too small to crop."""
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"not a readable image ({type(err).__name__}: {err})") from err
+    return centre_crop(pixels, crop)
+
+
 def evaluate(data_dir: Path, out_dir: Path, methods=("s3diff", "bicubic", "realesrgan"), weights: Path | None = None,
              degradation: str = "clean", crop: int = 512, limit: int | None = None, split: str = "validation",
-             seed: int = 0, progress: bool = True, device: str | None = None) -> dict:
-    """Run and measure every method on the split's photos (sorted by id); writes and returns the record."""
+             seed: int = 0, progress: bool = True, device: str | None = None,
+             make_lowres: LowresMaker = bicubic_lowres) -> dict:
+    """Run and measure every method on the folder's images (`images_to_evaluate`: the corpus
+    split, or every image below the folder); writes and returns the record. `make_lowres` makes
+    each LR from its HR crop and `degradation` names it in the record: `s3diff evaluate` passes
+    training's seeded Real-ESRGAN degradation for `realistic`
+    (`s3diff_serve.training.degradations.realistic_lowres`; evaluation never imports training)."""
     from tqdm import tqdm
 
     from s3diff_serve.evaluation.contact_sheet import Tile, contact_sheet
     from s3diff_serve.evaluation.metrics import MetricSuite
-    from s3diff_serve.evaluation.photos import load_manifest
+    from s3diff_serve.evaluation.photos import images_to_evaluate
 
     methods = tuple(methods)
     if crop < SCALE or crop % SCALE:
         raise ValueError(f"crop must be a positive multiple of {SCALE}, got {crop}")
     if degradation not in DEGRADATIONS:
         raise ValueError(f"degradation must be one of {DEGRADATIONS}, got {degradation!r}")
+    if (degradation == "clean") != (make_lowres is bicubic_lowres):
+        raise ValueError(f"degradation {degradation!r} does not name make_lowres {make_lowres.__name__}")
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods must be distinct and not empty, got {methods}")
-    photos = sorted((p for p in load_manifest(data_dir) if p.split == split), key=lambda p: p.id)[:limit]
+    photos = images_to_evaluate(data_dir, split)[:limit]
     if not photos:
-        raise ValueError(f"no photos of split {split!r} in {data_dir}")
+        raise ValueError(f"no images to evaluate in {data_dir}" + (f" (split {split!r})" if
+                                                                  (Path(data_dir) / "manifest.json").is_file() else ""))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     runners, weights_info = load_methods(methods, weights, device)
     suite = MetricSuite(device=device)
@@ -138,30 +152,39 @@ def evaluate(data_dir: Path, out_dir: Path, methods=("s3diff", "bicubic", "reale
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    records, rows = [], []
-    for index, photo in enumerate(tqdm(photos, unit="image", disable=not progress, file=sys.stderr)):
-        with Image.open(photo.path) as image:
-            highres = centre_crop(np.asarray(ImageOps.exif_transpose(image).convert("RGB")), crop)
-        lowres = make_lowres(highres, degradation, seed, index)
-        _save(out_dir, photo.id, "hr", highres)
-        _save(out_dir, photo.id, "lr", lowres)
-        row = [Tile(f"{photo.id}: LR", lowres)]
+    records, rows, skipped = [], [], []
+    for index, (relative, path) in enumerate(tqdm(photos, unit="image", disable=not progress, file=sys.stderr)):
+        try:
+            highres = read_highres(path, crop)
+        except ValueError as err:
+            skipped.append({"path": relative, "reason": str(err)})
+            tqdm.write(f"skipped {relative}: {err}", file=sys.stderr)
+            continue
+        name_stem = str(Path(relative).with_suffix(""))
+        lowres = make_lowres(highres, seed, index)
+        _save(out_dir, name_stem, "hr", highres)
+        _save(out_dir, name_stem, "lr", lowres)
+        row = [Tile(f"{name_stem}: LR", lowres)]
         for name, run in runners.items():
             start = time.perf_counter()
             output = run(lowres)
             seconds = time.perf_counter() - start
-            _save(out_dir, photo.id, name, output)
+            _save(out_dir, name_stem, name, output)
             scores = suite(output, highres, border=SCALE)
-            records.append({"id": photo.id, "method": name, **scores, "seconds": seconds})
+            records.append({"path": relative, "id": Path(relative).stem, "method": name, **scores,
+                            "seconds": seconds})
             row.append(Tile(LABELS[name], output, scores))
         rows.append(row + [Tile("HR", highres)])
+    if not records:
+        raise ValueError(f"none of the {len(photos)} images in {data_dir} could be read: {skipped[0]['reason']}")
 
     result = {
         "conditions": {"degradation": degradation, "crop": crop, "split": split, "seed": seed, "limit": limit,
-                       "methods": list(methods), "photos": len(photos), "scale": SCALE, "border": SCALE,
+                       "methods": list(methods), "photos": len(rows), "scale": SCALE, "border": SCALE,
                        "weights": weights_info, "device": device, "dtype": "fp32", "machine": machine(),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "images": records,
+        "skipped": skipped,
         "mean": mean_by_method(records),
     }
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -169,8 +192,11 @@ def evaluate(data_dir: Path, out_dir: Path, methods=("s3diff", "bicubic", "reale
     return result
 
 
-def _save(out_dir: Path, photo_id: str, kind: str, pixels: np.ndarray) -> None:
-    Image.fromarray(pixels).save(out_dir / "images" / f"{photo_id}_{kind}.png")
+def _save(out_dir: Path, name_stem: str, kind: str, pixels: np.ndarray) -> None:
+    """images/<relative path without suffix>_<kind>.png (sub-folders as in the data folder)."""
+    path = out_dir / "images" / f"{name_stem}_{kind}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
 
 
 def mean_by_method(records: list[dict]) -> dict[str, dict[str, float]]:

@@ -100,11 +100,23 @@ def load_manifest(dest: Path) -> list[Photo]:
             for r in json.loads(manifest.read_text())["photos"]]
 
 
-def photo_paths(dest: Path, split: str) -> list[Path]:
-    """Files of one split, in corpus order."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    return [photo.path for photo in load_manifest(dest) if photo.split == split]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")  # what `images_to_evaluate` finds
+
+
+def images_to_evaluate(folder: Path, split: str = "validation") -> list[tuple[str, Path]]:
+    """(relative path, path) of each image to evaluate in `folder`: the corpus manifest's `split`
+    (in id order) when the folder holds one, else every PNG/JPEG/WebP/TIFF file below it, searched
+    recursively, in path order (DIV2K-val, RealSR, a folder of one's own photos)."""
+    folder = Path(folder)
+    if (folder / MANIFEST_NAME).is_file():
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        photos = sorted((p for p in load_manifest(folder) if p.split == split), key=lambda p: p.id)
+        return [(p.path.relative_to(folder).as_posix(), p.path) for p in photos]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder of images")
+    found = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    return [(path.relative_to(folder).as_posix(), path) for path in found]
 
 
 def download_deb(package: str, into: Path) -> Path:

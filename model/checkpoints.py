@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import SCHEDULER_CONFIG, MergedConfig, POSITIVE_PROMPT, NEGATIVE_PROMPT
 from .errors import CheckpointError
+from .runtime import DTYPES
 from .s3diff import S3DiffModel
 
 RELEASE_KEYS = (
@@ -34,7 +35,6 @@ MERGED_FILES = {
     "modulation": "degradation_lora.safetensors",
     "prompts": "prompt_embeds.safetensors",
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

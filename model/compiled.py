@@ -26,12 +26,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-if TYPE_CHECKING:  # runtime imports the checkpoints, which import the model, which imports this
-    from .runtime import CompilePlan
+from .runtime import CompilePlan
 
 log = logging.getLogger(__name__)
 

@@ -88,10 +88,11 @@ class ModulatedLayer:
 class ModulationSlot:
     """Holds the current (B, blocks, r, r) modulation of one network and applies it in the hooks.
 
-    `modulation` is put here by the network calls of S3DiffModel (`encoder_call`, `unet_call`),
-    which take it as an argument: inside a compiled call it is then a graph input, not state
-    captured at trace time, so one graph serves every modulation (model/compiled.py). Its batch
-    axis must match the batch that flows through the network.
+    Only the network calls of S3DiffModel (`encoder_call`, `unet_call`), the compiled call
+    boundary, put a modulation here; they take it as an argument, so inside a compiled call it is
+    a graph input, not state captured at trace time, and one graph serves every modulation
+    (model/compiled.py). Everything else passes modulations explicitly. Its batch axis must match
+    the batch that flows through the network.
     """
 
     def __init__(self, network: nn.Module, adapter: str, block_of: Callable[[str], int]):
@@ -124,14 +125,14 @@ class ModulationSlot:
         return modulate
 
     @contextlib.contextmanager
-    def folded(self) -> Iterator[None]:
-        """Run with the modulated LoRA folded into the base weights (valid when every sample of
-        the batch shares one modulation): W' = W + s * B M^T A, adapters off.
+    def folded(self, modulation: torch.Tensor) -> Iterator[None]:
+        """Run with the LoRA modulated by `modulation` (B, blocks, r, r) folded into the base
+        weights (valid when every sample of the batch shares one modulation: its first is used):
+        W' = W + s * B M^T A, adapters off.
 
         Why: at image resolution the LoRA branch is a second conv pass plus an einsum over a
         full-size activation (about 30% of the VAE encode); folding costs one small matmul per layer.
         """
-        assert self.modulation is not None
         originals = []
         try:
             for entry in self.layers:
@@ -139,7 +140,7 @@ class ModulationSlot:
                 base = layer.get_base_layer()
                 weight_a = layer.lora_A[self.adapter].weight.float()
                 weight_b = layer.lora_B[self.adapter].weight.float()
-                matrix = self.modulation[0, entry.block_id]
+                matrix = modulation[0, entry.block_id]
                 delta = weight_b.flatten(1) @ matrix.T @ weight_a.flatten(1)
                 delta = delta.reshape(base.weight.shape) * layer.scaling[self.adapter]
                 originals.append((layer, base, base.weight))

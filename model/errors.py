@@ -19,7 +19,7 @@ class InvalidInputError(S3DiffError, ValueError):
 
 
 class UnsupportedImageError(InvalidInputError):
-    """The bytes are not an image in a format we accept (PNG, JPEG, WebP, TIFF, BMP)."""
+    """The bytes are not an image in a format we accept (PNG, JPEG, WebP, TIFF, BMP, GIF)."""
 
 
 class CorruptImageError(InvalidInputError):

@@ -8,6 +8,7 @@ with OpenCV and 16-bit PNGs are written with pypng, which also frames the iCCP c
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,17 +21,20 @@ import torch
 from PIL import Image, ImageCms, TiffImagePlugin
 
 from s3diff_serve.model.errors import CorruptImageError, ImageTooLargeError, InvalidInputError, UnsupportedImageError
-from s3diff_serve.model.options import OUTPUT_FORMATS
+from s3diff_serve.model.options import DEFAULT_QUALITY, OUTPUT_FORMATS
 from s3diff_serve.model.output_size import resample
 
-# Formats we accept, as Pillow names them (MPO: the multi-picture JPEG many phones write).
-INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp"}
-DEFAULT_QUALITY = 95
+# Formats we accept, as Pillow names them (MPO: the multi-picture JPEG many phones write). A file
+# of several frames (animated GIF/WebP/PNG, multi-page TIFF, MPO) gives its first frame.
+INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp",
+                 "GIF": "gif"}
+ACCEPTED = "PNG, JPEG, WebP, TIFF, BMP or GIF"
 # Header-declared pixel limit checked before any pixel is decoded (the decompression-bomb guard).
 DEFAULT_MAX_PIXELS = 8192 * 8192
 # ITU-R BT.601 luma weights, the ones Pillow uses for RGB -> L.
 _LUMA = (0.299, 0.587, 0.114)
-_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP",
+               b"GIF87a": "GIF", b"GIF89a": "GIF"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class DecodedImage:
     grayscale: bool
     bit_depth: int  # 8 or 16
     icc_profile: bytes | None
-    source_format: str  # "png", "jpeg", "webp", "tiff", "bmp"
+    source_format: str  # "png", "jpeg", "webp", "tiff", "bmp", "gif"
+    frames: int = 1  # frames in the file (animation, pages, MPO pictures); only the first is decoded
 
     @property
     def size(self) -> tuple[int, int]:
@@ -59,14 +64,17 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PI
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        raise ImageTooLargeError(str(err)) from err
+        # Pillow's own guard fired first (at twice its global limit); quote the caller's limit.
+        declared = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{declared.group(1)} pixels" if declared else "more pixels than Pillow allows"
+        raise ImageTooLargeError(f"image declares {size}; the limit is {max_pixels}") from err
     except (OSError, SyntaxError, ValueError) as err:
         if sniffed:
             raise CorruptImageError(
                 f"cannot read this {sniffed} file: it is corrupt or truncated (or a variant we cannot decode)") from err
-        raise UnsupportedImageError("not a PNG, JPEG, WebP, TIFF or BMP image") from err
+        raise UnsupportedImageError(f"not a {ACCEPTED} image") from err
     if image.format not in INPUT_FORMATS:
-        raise UnsupportedImageError(f"unsupported image format {image.format}; accepted: PNG, JPEG, WebP, TIFF, BMP")
+        raise UnsupportedImageError(f"unsupported image format {image.format}; accepted: {ACCEPTED}")
     width, height = image.size
     _check_pixel_limit(width, height, max_pixels)
 
@@ -82,7 +90,8 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PI
     if pixels.shape[:2] != (height, width):
         raise CorruptImageError(f"decoded {pixels.shape[1]}x{pixels.shape[0]} pixels, header says {width}x{height}")
 
-    return _decoded(pixels, orientation, grayscale, has_alpha, icc_profile, INPUT_FORMATS[image.format])
+    return _decoded(pixels, orientation, grayscale, has_alpha, icc_profile, INPUT_FORMATS[image.format],
+                    getattr(image, "n_frames", 1))
 
 
 def _check_pixel_limit(width: int, height: int, max_pixels: int) -> None:
@@ -92,7 +101,7 @@ def _check_pixel_limit(width: int, height: int, max_pixels: int) -> None:
 
 
 def _decoded(pixels: np.ndarray, orientation: int, grayscale: bool, has_alpha: bool, icc_profile: bytes | None,
-             source_format: str) -> DecodedImage:
+             source_format: str, frames: int = 1) -> DecodedImage:
     """(H, W, C) uint8, uint16 or float32-in-[0, 1] pixels -> DecodedImage (8-bit sources write
     8-bit outputs; 16-bit and float ones write 16-bit)."""
     pixels = _apply_orientation(pixels, orientation)
@@ -102,7 +111,8 @@ def _decoded(pixels: np.ndarray, orientation: int, grayscale: bool, has_alpha: b
     alpha = planes[-1].clone() if has_alpha else None
     if icc_profile is not None and not _profile_fits(icc_profile, grayscale):
         icc_profile = None
-    return DecodedImage(color, alpha, grayscale, 8 if pixels.dtype == np.uint8 else 16, icc_profile, source_format)
+    return DecodedImage(color, alpha, grayscale, 8 if pixels.dtype == np.uint8 else 16, icc_profile, source_format,
+                        frames)
 
 
 # TIFF tags read for floating-point files (TIFF 6.0 numbering).
@@ -153,7 +163,8 @@ def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def output_format_for(source_format: str, requested: str | None = None) -> str:
-    """The output format: the requested one, else JPEG for JPEG input and PNG otherwise."""
+    """The output format, resolved once per request: the requested one, else JPEG for JPEG input
+    and PNG otherwise."""
     if requested is not None:
         fmt = requested.lower().replace("jpg", "jpeg")
         if fmt not in OUTPUT_FORMATS:
@@ -162,29 +173,28 @@ def output_format_for(source_format: str, requested: str | None = None) -> str:
     return "jpeg" if source_format == "jpeg" else "png"
 
 
-def encode_like(rgb: torch.Tensor, source: DecodedImage, *, format: str | None = None,
-                quality: int | None = None) -> bytes:
+def encode_like(rgb: torch.Tensor, source: DecodedImage, format: str, quality: int = DEFAULT_QUALITY) -> bytes:
     """Encode a model output (3, H, W) the way `source` was: its alpha (upscaled to H x W), gray or
-    colour, bit depth and ICC profile. Format defaults to `output_format_for(source)`."""
+    colour, bit depth and ICC profile, in the already resolved `format` (`output_format_for`)."""
     alpha = None if source.alpha is None else upscale_alpha(source.alpha, tuple(rgb.shape[-2:]))
     return encode_image(rgb, alpha=alpha, grayscale=source.grayscale, bit_depth=source.bit_depth,
-                        icc_profile=source.icc_profile, format=output_format_for(source.source_format, format),
-                        quality=quality)
+                        icc_profile=source.icc_profile, format=format, quality=quality)
 
 
 def encode_image(rgb: torch.Tensor, *, alpha: torch.Tensor | None = None, grayscale: bool = False,
                  bit_depth: int = 8, icc_profile: bytes | None = None, format: str = "png",
-                 quality: int | None = None) -> bytes:
-    """Encode float RGB (3, H, W) in [0, 1] (values are rounded, not truncated).
+                 quality: int = DEFAULT_QUALITY) -> bytes:
+    """Encode float RGB (3, H, W) in [0, 1] (values are rounded, not truncated) as `format`, one of
+    OUTPUT_FORMATS; `quality` (JPEG/WebP) as the request contract checked it.
 
     16-bit output is PNG only (JPEG and WebP hold 8 bits). JPEG has no alpha: an alpha channel is
     composited over white, as most viewers show a transparent image.
     """
-    fmt = output_format_for("png", format)
+    fmt = format
+    if fmt not in OUTPUT_FORMATS:
+        raise InvalidInputError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
     if bit_depth not in (8, 16):
         raise InvalidInputError(f"bit depth must be 8 or 16, got {bit_depth}")
-    if quality is not None and not 1 <= quality <= 100:
-        raise InvalidInputError(f"quality must be in [1, 100], got {quality}")
     planes = rgb.detach().to(torch.float32).cpu().clamp(0.0, 1.0)
     if alpha is not None and fmt == "jpeg":
         coverage = alpha.to(torch.float32).clamp(0.0, 1.0)
@@ -201,7 +211,7 @@ def encode_image(rgb: torch.Tensor, *, alpha: torch.Tensor | None = None, graysc
     image = Image.fromarray(channels[..., 0] if channels.shape[2] == 1 else channels)
     options = {"icc_profile": icc_profile} if icc_profile else {}
     if fmt in ("jpeg", "webp"):
-        options["quality"] = DEFAULT_QUALITY if quality is None else quality
+        options["quality"] = quality
     buffer = io.BytesIO()
     image.save(buffer, format=fmt.upper(), **options)
     return buffer.getvalue()

@@ -19,6 +19,7 @@ COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 SCORE_RANGE = (0.0, 1.0)  # noise and blur scores, as the estimator outputs them
 MAX_GUIDANCE = 20.0
+DEFAULT_QUALITY = 95  # JPEG/WebP quality when the request names none
 
 
 class UpscaleOptions(BaseModel):
@@ -27,21 +28,21 @@ class UpscaleOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    scale: float | None = Field(None, ge=MIN_SCALE, le=MAX_SCALE,
+    scale: float | None = Field(None, allow_inf_nan=False, ge=MIN_SCALE, le=MAX_SCALE,
                                 description=f"output scale (default {SCALE}, the model's own; others resize its output)")
     width: int | None = Field(None, ge=1, description="output width in pixels (alone: keeps the aspect ratio)")
     height: int | None = Field(None, ge=1, description="output height in pixels (alone: keeps the aspect ratio)")
     longest_side: int | None = Field(None, ge=1, description="output longest side in pixels")
-    noise: float | None = Field(None, ge=SCORE_RANGE[0], le=SCORE_RANGE[1],
+    noise: float | None = Field(None, allow_inf_nan=False, ge=SCORE_RANGE[0], le=SCORE_RANGE[1],
                                 description="noise score override (default: estimated from the image)")
-    blur: float | None = Field(None, ge=SCORE_RANGE[0], le=SCORE_RANGE[1],
+    blur: float | None = Field(None, allow_inf_nan=False, ge=SCORE_RANGE[0], le=SCORE_RANGE[1],
                                description="blur score override (default: estimated from the image)")
-    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE,
+    guidance_scale: float | None = Field(None, allow_inf_nan=False, ge=0, le=MAX_GUIDANCE,
                                          description="classifier-free guidance (default: the weights' own, 1.07; "
                                                      "1 = no negative prompt)")
     color_fix: ColorFix = Field("wavelet", description="how the output's colours are tied to the input's")
     format: OutputFormat | None = Field(None, description="output format (default: JPEG for JPEG input, else PNG)")
-    quality: int | None = Field(None, ge=1, le=100, description="JPEG/WebP quality (default 95)")
+    quality: int | None = Field(None, ge=1, le=100, description=f"JPEG/WebP quality (default {DEFAULT_QUALITY})")
 
     @model_validator(mode="after")
     def _one_size_mode(self) -> "UpscaleOptions":
@@ -60,6 +61,11 @@ class UpscaleOptions(BaseModel):
             return cls(**values)
         except ValidationError as error:
             raise InvalidInputError(describe_validation_error(error)) from error
+
+    @property
+    def output_quality(self) -> int:
+        """The JPEG/WebP quality to write: the requested one, else DEFAULT_QUALITY."""
+        return DEFAULT_QUALITY if self.quality is None else self.quality
 
     def output_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """(height, width) of the result for an input of (height, width)."""

@@ -1,12 +1,14 @@
-"""One-step S3Diff inference (docs/model.md, "The one-step inference path"): the single entry
-point that the CLI, the service and training evaluation call.
+"""One-step S3Diff inference (docs/model.md, "The one-step inference path"): plan, then execute.
 
-pre-process (x4 with the weights' pre-resize, [-1,1], reflect-pad to 64) -> degradation scores
-(estimator unless overridden) -> modulated VAE-encoder latent -> ONE UNet call on
-[positive; negative] -> CFG -> closed-form step t=999 -> decode -> crop -> colour fix.
+`plan` resolves how an input runs here (sizes, the tile, guidance, colour fix, cost, batch key);
+`execute` runs a plan: the degradation scores (estimated where not given), then the recipe
+written once in model/one_step.py, its steps 4-7 over tiles, then the resize to the requested
+size. `enhance(images, options)` is the two in one call. The CLI and the Python API call
+`enhance`; the service plans when it decodes a request and executes that plan when it runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,22 +16,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .builtin import resolve_weights
 from .degradation_estimator import BLUR_INDEX, NOISE_INDEX
 from .checkpoints import load_merged, load_release
-from .color_fix import color_fix as apply_color_fix
 from .config import PAD_MULTIPLE, SCALE, MergedConfig, latent_factor
 from .errors import InvalidInputError, NonFiniteOutputError
 from .options import SCORE_RANGE, UpscaleOptions
+from .one_step import one_step
 from .output_size import pre_resize, resample
 from .runtime import cpu_has_fast_bf16, plan_compile, resolve_runtime, use_channels_last  # noqa: F401 (re-exported)
 from .s3diff import S3DiffModel
 from .tiling import (
-    choose_tile_size, count_tiles, estimator_view, overlap_for, run_with_oom_retry, stage_tile_counts, tiled_unet,
-    tiled_vae_decode, tiled_vae_encode,
+    choose_tile_size, count_tiles, estimator_view, overlap_for, run_with_oom_retry, tiled_unet, tiled_vae_decode,
+    tiled_vae_encode,
 )
 
 ScoreOverride = float | Sequence[float | None] | None
@@ -44,23 +45,35 @@ class DegradationScores:
 
 @dataclass(frozen=True)
 class UpscalePlan:
-    """What one upscale will cost and how it runs, on this pipeline's device, before it runs:
-    the geometry every caller (limits, queue cost, batching, progress) reads instead of
-    re-deriving it."""
+    """How one upscale runs on this pipeline's device, fully resolved before it runs: `execute`
+    runs it as it is, and every caller (limits, queue cost, batching, progress) reads it instead
+    of re-deriving anything. The tile is fixed here (on CUDA from the free memory read once, at
+    planning); only an out-of-memory retry runs smaller tiles (`with_tile`)."""
 
     input_size: tuple[int, int]  # (height, width)
     output_size: tuple[int, int]  # after the options' resize of the x4 result
     model_size: tuple[int, int]  # the x4 image the model makes
     padded_size: tuple[int, int]  # model_size reflect-padded to PAD_MULTIPLE: what the VAE sees
     latent_size: tuple[int, int]  # padded_size / latent_factor
-    tile: int  # latent tile side; an image with both latent sides <= tile runs untiled
-    tiles: int  # tiles per stage (1 = untiled)
-    batch_key: tuple | None  # equal keys may run as one pipeline call; None: runs alone (tiled)
     latent_factor: int  # the weights' (MergedConfig.latent_factor): image pixels per latent pixel
+    tile: int  # latent tile side; an image with both latent sides <= tile runs untiled
+    guidance: float  # classifier-free guidance scale
+    color_fix: str
+
+    @property
+    def tiles(self) -> int:
+        """Tiles per stage (1 = untiled)."""
+        return count_tiles(*self.latent_size, self.tile, overlap_for(self.tile, self.latent_factor))
 
     @property
     def tiled(self) -> bool:
         return self.tiles > 1
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """Equal keys may run as one pipeline call: the input size, guidance, colour fix and
+        output size (noise/blur may differ per sample). None: runs alone (tiled)."""
+        return None if self.tiled else (self.input_size, self.guidance, self.color_fix, self.output_size)
 
     @property
     def work_pixels(self) -> int:
@@ -74,6 +87,9 @@ class UpscalePlan:
         """Progress units: encoder, UNet and decoder tiles."""
         return 3 * self.tiles
 
+    def with_tile(self, tile: int) -> "UpscalePlan":
+        return dataclasses.replace(self, tile=tile)
+
 
 @dataclass
 class EnhanceResult:
@@ -83,26 +99,14 @@ class EnhanceResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def pad_to_multiple(image: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
-    """Reflect-pad bottom/right to a multiple (as the reference). Reflection cannot reach further
-    than the image itself, so tiny inputs are padded by repeated reflection, then replication."""
-    while True:
-        height, width = image.shape[-2:]
-        pad_h, pad_w = -height % multiple, -width % multiple
-        if pad_h == 0 and pad_w == 0:
-            return image
-        step_h, step_w = min(pad_h, height - 1), min(pad_w, width - 1)
-        if step_h == 0 and step_w == 0:
-            return F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
-        image = F.pad(image, (0, step_w, 0, step_h), mode="reflect")
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _per_sample(value: ScoreOverride, batch: int, name: str) -> list[float | None]:
+    """A score override as one value per sample (None: estimate), checked: the Python API's
+    boundary (the service's come checked by UpscaleOptions)."""
     values = [value] * batch if value is None or isinstance(value, (int, float)) else list(value)
     if len(values) != batch:
         raise InvalidInputError(f"{name}: got {len(values)} values for a batch of {batch}")
@@ -175,53 +179,34 @@ class S3DiffPipeline:
         """x4 with the weights' pre-resize (bilinear for the released weights: the reference CLI's)."""
         return pre_resize(lowres, self.config.pre_resize)
 
-    # --- stages (seams for tiling) ------------------------------------------------------------
-    # Each stage runs over tiles (model/tiling.py); an input that fits one tile runs untiled.
-    def _encode(self, image_norm: torch.Tensor, sample: bool, generator: torch.Generator | None, fold: bool,
-                tile: int, on_tile=None) -> torch.Tensor:
-        encode = lambda part: self.model.encode(part, generator, sample, fold)  # noqa: E731
-        return tiled_vae_encode(encode, image_norm, self.latent_factor, tile, on_tile=on_tile)
-
-    def _denoise(self, latent: torch.Tensor, guidance_scale: float, tile: int, on_tile=None) -> torch.Tensor:
-        denoise = lambda part: self.model.clean_sample(part, self.model.predict_noise(part, guidance_scale))  # noqa: E731
-        return tiled_unet(denoise, latent, self.latent_factor, tile, on_tile=on_tile)
-
-    def _decode(self, latent: torch.Tensor, tile: int, on_tile=None) -> torch.Tensor:
-        return tiled_vae_decode(self.model.decode, latent, self.latent_factor, tile, on_tile=on_tile)
-
     # --- entry points -------------------------------------------------------------------------
     @torch.inference_mode()
     def estimate(self, images) -> DegradationScores:
         scores = self.model.estimate(estimator_view(self.to_tensor(images)))
         return DegradationScores(noise=scores[:, NOISE_INDEX].cpu(), blur=scores[:, BLUR_INDEX].cpu())
 
-    def _scores(self, lowres: torch.Tensor, noise: ScoreOverride, blur: ScoreOverride) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = lowres.shape[0]
-        noise_values, blur_values = _per_sample(noise, batch, "noise"), _per_sample(blur, batch, "blur")
-        if None in noise_values or None in blur_values:
+    def _scores(self, lowres: torch.Tensor, noise: Sequence[float | None],
+                blur: Sequence[float | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (noise, blur) on the device: the given ones, the estimator's where None."""
+        if None in noise or None in blur:
             estimated = self.model.estimate(estimator_view(lowres))
-            noise_values = [estimated[i, NOISE_INDEX].item() if v is None else v for i, v in enumerate(noise_values)]
-            blur_values = [estimated[i, BLUR_INDEX].item() if v is None else v for i, v in enumerate(blur_values)]
+            noise = [estimated[i, NOISE_INDEX].item() if v is None else v for i, v in enumerate(noise)]
+            blur = [estimated[i, BLUR_INDEX].item() if v is None else v for i, v in enumerate(blur)]
         as_tensor = lambda values: torch.tensor([float(v) for v in values], device=self.device)  # noqa: E731
-        return as_tensor(noise_values), as_tensor(blur_values)
+        return as_tensor(noise), as_tensor(blur)
 
     def plan(self, height: int, width: int, options: UpscaleOptions | None = None,
              tile_size: int | None = None) -> UpscalePlan:
-        """How an input of (height, width) would run with `options` here (see UpscalePlan).
+        """How an input of (height, width) runs with `options` here (see UpscalePlan).
         Raises InvalidInputError for an impossible output size or tile size."""
         options = options or UpscaleOptions()
-        output_size = options.output_size((height, width))
         model_size = (height * SCALE, width * SCALE)
         padded_size = tuple(-(-side // PAD_MULTIPLE) * PAD_MULTIPLE for side in model_size)
-        latent_size = tuple(side // self.latent_factor for side in padded_size)
-        tile = self.tile_for(tile_size)
-        tiles = count_tiles(*latent_size, tile, overlap_for(tile, self.latent_factor))
-        guidance = self.guidance_for(options)
-        # What one pipeline call shares: the input size, guidance, colour fix and output size;
-        # noise/blur may differ per sample. Tiled images run alone.
-        batch_key = None if tiles > 1 else ((height, width), guidance, options.color_fix, output_size)
-        return UpscalePlan((height, width), output_size, model_size, padded_size, latent_size, tile, tiles, batch_key,
-                           self.latent_factor)
+        return UpscalePlan(
+            input_size=(height, width), output_size=options.output_size((height, width)), model_size=model_size,
+            padded_size=padded_size, latent_size=tuple(side // self.latent_factor for side in padded_size),
+            latent_factor=self.latent_factor, tile=self.tile_for(tile_size), guidance=self.guidance_for(options),
+            color_fix=options.color_fix)
 
     def guidance_for(self, options: UpscaleOptions) -> float:
         """The options' guidance scale, else the weights' default (1.07 for the released model)."""
@@ -237,79 +222,51 @@ class S3DiffPipeline:
         except ValueError as err:
             raise InvalidInputError(str(err)) from err
 
-    @torch.inference_mode()
-    def enhance(
-        self,
-        images,
-        options: UpscaleOptions | None = None,
-        *,
-        noise: ScoreOverride = None,
-        blur: ScoreOverride = None,
-        sample: bool = False,
-        seed: int | None = None,
-        progress: Progress | None = None,
-        tile_size: int | None = None,
-    ) -> EnhanceResult:
-        """Upscale a batch of same-size images with `options` (UpscaleOptions; the default is x4
-        with estimated scores). `noise`/`blur` override the options' scores per sample (a value
-        or one per image, None = estimate). `tile_size`: latent tile side (multiple of the latent factor, >= 32);
-        None picks it from free CUDA memory (the weights' tile on the CPU). On CUDA
-        out-of-memory the image is retried with smaller tiles."""
+    def enhance(self, images, options: UpscaleOptions | None = None, *, noise: ScoreOverride = None,
+                blur: ScoreOverride = None, sample: bool = False, seed: int | None = None,
+                progress: Progress | None = None, tile_size: int | None = None) -> EnhanceResult:
+        """Plan, then execute: upscale a batch of same-size images with `options` (UpscaleOptions;
+        the default is x4 with estimated scores). `noise`/`blur` override the options' scores per
+        sample (a value or one per image, None = estimate). `tile_size`: latent tile side
+        (multiple of the latent factor, >= 32); None picks it from free CUDA memory (the weights'
+        tile on the CPU)."""
         options = options or UpscaleOptions()
-        noise = options.noise if noise is None else noise
-        blur = options.blur if blur is None else blur
-        guidance = self.guidance_for(options)
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            _synchronize(self.device)
-            now = time.perf_counter()
-            timings[stage] = now - clock
-            clock = now
-
-        start = clock
         lowres = self.to_tensor(images)
         plan = self.plan(*lowres.shape[-2:], options, tile_size)  # an impossible size fails before any work
+        batch = lowres.shape[0]
+        noise = _per_sample(options.noise if noise is None else noise, batch, "noise")
+        blur = _per_sample(options.blur if blur is None else blur, batch, "blur")
+        return self.execute(lowres, plan, noise, blur, progress=progress, sample=sample, seed=seed)
+
+    @torch.inference_mode()
+    def execute(self, lowres: torch.Tensor, plan: UpscalePlan, noise: Sequence[float | None],
+                blur: Sequence[float | None], *, progress: Progress | None = None, sample: bool = False,
+                seed: int | None = None) -> EnhanceResult:
+        """Run `plan` on `lowres` ((B,3,h,w) in [0,1], of the plan's input size) with one score per
+        sample for each of noise and blur (None: estimate). Nothing is planned, validated or
+        defaulted here. On CUDA out-of-memory steps 4-7 are retried with smaller tiles."""
+        timer = _StageTimer(self.device)
+        lowres = lowres.to(self.device, torch.float32)
         noise_scores, blur_scores = self._scores(lowres, noise, blur)
-        lap("estimate")
-        upscaled = self.upscale(lowres)
-        height, width = upscaled.shape[-2:]
-        image_norm = pad_to_multiple((upscaled * 2 - 1).clamp(-1, 1))
-        self.model.set_degradation(blur=blur_scores, noise=noise_scores)
+        timer.lap("estimate")
         one_modulation = bool((noise_scores == noise_scores[0]).all() and (blur_scores == blur_scores[0]).all())
         generator = torch.Generator(self.device).manual_seed(seed) if sample and seed is not None else None
 
-        def run_stages(tile: int) -> torch.Tensor:
-            factor = self.latent_factor
-            total, done = stage_tile_counts(image_norm.shape[-2] // factor, image_norm.shape[-1] // factor, tile, factor), 0
+        def run(tile: int) -> torch.Tensor:
+            stages = _TiledStages(self.model, plan.with_tile(tile), timer, progress, fold=one_modulation,
+                                  sample=sample, generator=generator)
+            return one_step(self.model, lowres, blur_scores, noise_scores, stages, pre_resize=self.config.pre_resize,
+                            guidance=plan.guidance, color_fix=plan.color_fix)
 
-            def on_tile() -> None:
-                nonlocal done
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-
-            latent = self._encode(image_norm, sample, generator, one_modulation, tile, on_tile)
-            lap("encode")
-            clean_latent = self._denoise(latent, guidance, tile, on_tile)
-            lap("unet")
-            decoded = self._decode(clean_latent, tile, on_tile)
-            lap("decode")
-            return decoded
-
-        decoded = run_with_oom_retry(run_stages, plan.tile, self.latent_factor)[..., :height, :width]
-        output = apply_color_fix(decoded * 0.5 + 0.5, upscaled, options.color_fix)
-        lap("color_fix")
+        output = run_with_oom_retry(run, plan.tile, self.latent_factor)
+        timer.lap("color_fix")
         if not torch.isfinite(output).all():
             raise NonFiniteOutputError(f"non-finite values in the output ({self.dtype}); retry in fp32")
         output = output.float().cpu()
         if tuple(output.shape[-2:]) != plan.output_size:
             output = resample(output, plan.output_size)
-            lap("resize")
-        timings["total"] = time.perf_counter() - start
-        return EnhanceResult(output, noise_scores.cpu(), blur_scores.cpu(), timings)
+            timer.lap("resize")
+        return EnhanceResult(output, noise_scores.cpu(), blur_scores.cpu(), timer.timings())
 
     def warmup(self, sizes: Sequence[tuple[int, int]] | None = None, batch_sizes: Sequence[int] = (1,)) -> dict:
         """Pay before the first request for what it would otherwise pay. Eager: one small pass (lazy
@@ -332,3 +289,55 @@ class S3DiffPipeline:
         compile_seconds = {name: round(sum(s for key, s in call.compile_seconds.items() if key not in before[name]), 3)
                            for name, call in self.model.compiled.items()}
         return {"seconds": round(time.perf_counter() - start, 3), "compile_seconds": compile_seconds}
+
+
+class _StageTimer:
+    """Seconds per stage, each measured from the end of the one before (device synchronised)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start = device, time.perf_counter()
+        self.clock, self.seconds = self.start, {}
+
+    def lap(self, stage: str) -> None:
+        _synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage], self.clock = now - self.clock, now
+
+    def timings(self) -> dict[str, float]:
+        return {**self.seconds, "total": time.perf_counter() - self.start}
+
+
+class _TiledStages:
+    """The pipeline's steps 4-7 of the recipe (model/one_step.py): each over the plan's tiles
+    (model/tiling.py; an input within one tile runs untiled), the encoder's LoRA folded when the
+    batch shares one modulation, each stage timed, progress counted per tile."""
+
+    def __init__(self, model: S3DiffModel, plan: UpscalePlan, timer: _StageTimer, progress: Progress | None, *,
+                 fold: bool, sample: bool, generator: torch.Generator | None):
+        self.model, self.plan, self.timer, self.progress = model, plan, timer, progress
+        self.fold, self.sample, self.generator = fold, sample, generator
+        self.done = 0
+
+    def _on_tile(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.plan.work_units)
+
+    def encode(self, image: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        encode = lambda part: self.model.encode(part, modulation, self.generator, self.sample, self.fold)  # noqa: E731
+        latent = tiled_vae_encode(encode, image, self.plan.latent_factor, self.plan.tile, on_tile=self._on_tile)
+        self.timer.lap("encode")
+        return latent
+
+    def denoise(self, latent: torch.Tensor, modulation: torch.Tensor, guidance: float) -> torch.Tensor:
+        model = self.model
+        denoise = lambda part: model.clean_sample(part, model.predict_noise(part, modulation, guidance))  # noqa: E731
+        clean = tiled_unet(denoise, latent, self.plan.latent_factor, self.plan.tile, on_tile=self._on_tile)
+        self.timer.lap("unet")
+        return clean
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        decoded = tiled_vae_decode(self.model.decode, latent, self.plan.latent_factor, self.plan.tile,
+                                   on_tile=self._on_tile)
+        self.timer.lap("decode")
+        return decoded

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoints import DTYPES
 from .errors import InvalidInputError
 
 COMPILE_ENV = "S3DIFF_COMPILE"
 COMPILE_SETTINGS = ("auto", "on", "off")
+# The dtypes the model runs and stores in, by the names flags and configs use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cpu_has_fast_bf16() -> bool:

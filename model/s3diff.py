@@ -5,7 +5,8 @@ no prompts as text; the pipeline orchestrates it.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -20,9 +21,16 @@ from .config import (
 )
 from .degradation_estimator import BLUR_INDEX, NOISE_INDEX, DegradationEstimator
 from .degradation_lora import ModulationHead, ModulationSlot, fourier_features, unet_block_id, vae_block_id
+from .one_step import TrainingStages, one_step
+from .runtime import CompilePlan
 
-if TYPE_CHECKING:
-    from .runtime import CompilePlan
+
+@dataclass(frozen=True)
+class Modulation:
+    """The degradation modulation of one batch, per network: (B, blocks, r, r) each."""
+
+    vae: torch.Tensor
+    unet: torch.Tensor
 
 
 def alpha_bar(scheduler_config: dict[str, Any], timestep: int = TIMESTEP) -> float:
@@ -151,22 +159,23 @@ class S3DiffModel(nn.Module):
         dtype = next(self.de_net.parameters()).dtype
         return self.de_net(lowres.to(dtype)).float()
 
-    def set_degradation(self, blur: torch.Tensor, noise: torch.Tensor) -> None:
-        """Compute both networks' (B, blocks, r, r) modulation from per-sample scores."""
+    def degradation_modulation(self, blur: torch.Tensor, noise: torch.Tensor) -> Modulation:
+        """Both networks' (B, blocks, r, r) modulation from per-sample scores; handed explicitly to
+        `encode` and `predict_noise` (only the network calls put it on the LoRA slots)."""
         scores = torch.zeros(blur.shape[0], 2, device=blur.device)
         scores[:, BLUR_INDEX], scores[:, NOISE_INDEX] = blur, noise
         features = fourier_features(scores, self.fourier_frequencies)
-        self.vae_slot.modulation = self.vae_modulation(features).float()
-        self.unet_slot.modulation = self.unet_modulation(features).float()
+        return Modulation(vae=self.vae_modulation(features).float(), unet=self.unet_modulation(features).float())
 
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False,
-               fold: bool = False) -> torch.Tensor:
-        """Image in [-1,1] -> scaled latent; mean of the posterior unless `sample`. `fold`: every
-        sample shares one modulation, so an eager call may fold the LoRA into the conv weights
-        (ModulationSlot.folded); a compiled call keeps the LoRA branch in its graph instead."""
-        image, modulation = image.to(self.vae.dtype), self.vae_slot.modulation
+    def encode(self, image: torch.Tensor, modulation: torch.Tensor, generator: torch.Generator | None = None,
+               sample: bool = False, fold: bool = False) -> torch.Tensor:
+        """Image in [-1,1] -> scaled latent, the encoder's LoRA modulated by `modulation` (the
+        VAE's); mean of the posterior unless `sample`. `fold`: every sample shares one modulation,
+        so an eager call may fold the LoRA into the conv weights (ModulationSlot.folded); a
+        compiled call keeps the LoRA branch in its graph instead."""
+        image = image.to(self.vae.dtype)
         if fold and not self._runs_compiled("encoder_call", image, modulation):
-            with self.vae_slot.folded():
+            with self.vae_slot.folded(modulation):
                 moments = self.encoder_call(image, modulation)
         else:
             moments = self._run("encoder_call", image, modulation)
@@ -174,20 +183,21 @@ class S3DiffModel(nn.Module):
         latent = posterior.sample(generator) if sample else posterior.mean
         return (latent * self.scaling_factor).contiguous()
 
-    def predict_noise(self, latent: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """eps at t=999 with classifier-free guidance as ONE UNet call on [positive; negative]."""
+    def predict_noise(self, latent: torch.Tensor, modulation: torch.Tensor, guidance_scale: float,
+                      states: torch.Tensor | None = None) -> torch.Tensor:
+        """eps at t=999, the UNet's LoRA modulated by `modulation` (the UNet's). With classifier-free
+        guidance (`guidance_scale` != 1) ONE UNet call on [positive; negative]; at 1 one call on
+        the positive prompt, or on `states` when given (training's per-sample prompts)."""
         batch = latent.shape[0]
         dtype = self.unet.dtype
-        modulation = self.unet_slot.modulation
-        positive = self.positive_embeds.to(dtype).expand(batch, -1, -1)
+        positive = self.positive_embeds.expand(batch, -1, -1) if states is None else states
         if guidance_scale == 1.0:
-            return self._run("unet_call", latent.to(dtype), positive, modulation).float().contiguous()
-        negative = self.negative_embeds.to(dtype).expand(batch, -1, -1)
-        try:
-            eps = self._run("unet_call", torch.cat([latent, latent]).to(dtype), torch.cat([positive, negative]),
-                            torch.cat([modulation, modulation])).float()
-        finally:
-            self.unet_slot.modulation = modulation
+            return self._run("unet_call", latent.to(dtype), positive.to(dtype), modulation).float().contiguous()
+        if states is not None:
+            raise ValueError("prompt states of one's own go with guidance 1 only")
+        negative = self.negative_embeds.expand(batch, -1, -1)
+        eps = self._run("unet_call", torch.cat([latent, latent]).to(dtype), torch.cat([positive, negative]).to(dtype),
+                        torch.cat([modulation, modulation])).float()
         eps_pos, eps_neg = eps.chunk(2)
         return (eps_neg + guidance_scale * (eps_pos - eps_neg)).contiguous()
 
@@ -196,25 +206,16 @@ class S3DiffModel(nn.Module):
         a = self.alpha_bar
         return (latent.float() - (1 - a) ** 0.5 * eps.float()) / a**0.5
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> image clamped to [-1,1] (the decoder carries no LoRA)."""
-        decoded = self._run("decoder_call", (latent / self.scaling_factor).to(self.vae.dtype))
-        return decoded.float().clamp(-1, 1).contiguous()
+    def decode(self, latent: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Scaled latent -> image in [-1,1] (the decoder carries no LoRA). `clamp` False for
+        training: a clamp would stop the gradient of every out-of-range pixel."""
+        decoded = self._run("decoder_call", (latent / self.scaling_factor).to(self.vae.dtype)).float()
+        return (decoded.clamp(-1, 1) if clamp else decoded).contiguous()
 
-    def forward(
-        self,
-        image: torch.Tensor,
-        blur: torch.Tensor,
-        noise: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Differentiable single pass for training: image in [-1,1] -> x0 image in [-1,1], one
-        UNet call conditioned on `encoder_hidden_states` (default: the positive prompt)."""
-        self.set_degradation(blur, noise)
-        latent = self.encode(image)
-        states = self.positive_embeds.expand(image.shape[0], -1, -1) if encoder_hidden_states is None else encoder_hidden_states
-        timestep = torch.tensor(TIMESTEP, device=latent.device)
-        eps = self.unet(latent.to(self.unet.dtype), timestep, encoder_hidden_states=states.to(self.unet.dtype)).sample
-        # Unclamped: a clamp would stop the gradient of every out-of-range pixel (inference clamps).
-        latent = self.clean_sample(latent, eps) / self.scaling_factor
-        return self.vae.decode(latent.to(self.vae.dtype)).sample.float()
+    def forward(self, lowres: torch.Tensor, blur: torch.Tensor, noise: torch.Tensor,
+                states: torch.Tensor | None = None, *, pre_resize: str, color_fix: str) -> torch.Tensor:
+        """Training's differentiable pass: the one-step recipe (model/one_step.py) on the whole
+        image, one UNet call on `states` (default: the positive prompt), no clamp; low-res
+        (B,3,h,w) in [0,1] -> x4 image in [0,1] (unclamped)."""
+        return one_step(self, lowres, blur, noise, TrainingStages(self, states), pre_resize=pre_resize,
+                        guidance=1.0, color_fix=color_fix)

@@ -140,11 +140,6 @@ def tiled_vae_decode(decode_fn: Callable[[torch.Tensor], torch.Tensor], latent: 
     return tiled_apply(decode_fn, latent, tile, overlap, scale=factor, on_tile=on_tile)
 
 
-def stage_tile_counts(latent_height: int, latent_width: int, tile: int, factor: int) -> int:
-    """Work units of one image: encoder, UNet and decoder tiles (all on the same latent grid)."""
-    return 3 * count_tiles(latent_height, latent_width, tile, overlap_for(tile, factor))
-
-
 def choose_tile_size(device: torch.device, dtype: torch.dtype, factor: int, requested: int | None = None) -> int:
     """The tile size to use: `requested` if given; on CUDA the largest multiple of the latent
     factor (up to MAX_AUTO_TILE) whose estimated peak fits in the free memory; DEFAULT_TILE

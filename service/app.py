@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
-import torch
 from fastapi import FastAPI
 
 from s3diff_serve.model import S3DiffPipeline
@@ -17,11 +16,11 @@ from s3diff_serve.service import metrics
 from s3diff_serve.service.batcher import Batcher
 from s3diff_serve.service.body_limit import BodyLimitMiddleware
 from s3diff_serve.service.errors import ServiceError, install_error_handlers
+from s3diff_serve.service.handlers import EstimateHandler, Handler, UpscaleHandler
 from s3diff_serve.service.jobs import JobStore
 from s3diff_serve.service.request_log import RequestLogMiddleware
 from s3diff_serve.service.routes import jobs, system, upscale
 from s3diff_serve.service.settings import ServiceSettings
-from s3diff_serve.service.stages import Predictor
 
 logger = logging.getLogger("s3diff.service")
 PipelineLoader = Callable[[ServiceSettings, str | None], S3DiffPipeline]
@@ -37,7 +36,7 @@ class ServiceState:
     def __init__(self, settings: ServiceSettings, loader: PipelineLoader):
         self.settings, self._loader = settings, loader
         self.pipeline: S3DiffPipeline | None = None
-        self.predictor: Predictor | None = None
+        self.handlers: dict[str, Handler] = {}  # by kind, once the model is loaded
         self.load_error: str | None = None
         self.ready = False
         self.batcher: Batcher | None = None
@@ -57,24 +56,21 @@ class ServiceState:
             raise ServiceError(503, "not_ready", detail, {"Retry-After": "5"})
         return self.batcher
 
+    def handler(self, kind: str) -> Handler:
+        """The handler of one kind of request ("upscale", "estimate"), once the service is ready."""
+        self.require_ready()
+        return self.handlers[kind]
+
     async def run_codec(self, function: Callable[..., Any], *args: Any) -> Any:
         """Image decode/encode off the event loop, in the small codec pool."""
         return await asyncio.get_running_loop().run_in_executor(self.codec_pool, function, *args)
 
     async def start(self) -> None:
         settings = self.settings
-        self.batcher = Batcher(self._predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+        self.batcher = Batcher(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                                max_queue=settings.max_queue)
         self.batcher.start()
         self._loading = asyncio.get_running_loop().create_task(self._load())
-
-    def _predict(self, tasks: list) -> list:
-        """The batcher's predict step (inference thread), recording device memory after each batch."""
-        results = self.predictor(tasks)
-        device = self.predictor.pipeline.device
-        if device.type == "cuda":
-            metrics.GPU_MEMORY.labels(str(device)).set(torch.cuda.memory_allocated(device))
-        return results
 
     async def _load(self) -> None:
         try:
@@ -85,7 +81,13 @@ class ServiceState:
             logger.exception("loading the model from %s failed", self.settings.weights or "the built-in demo model")
             return
         self.pipeline = pipeline
-        self.predictor = Predictor(pipeline, lambda: self._loader(self.settings, "fp32"))
+        settings = self.settings
+        self.handlers = {
+            "upscale": UpscaleHandler(pipeline, max_input_pixels=settings.max_input_pixels,
+                                      max_output_pixels=settings.max_output_pixels,
+                                      load_fp32=lambda: self._loader(settings, "fp32")),
+            "estimate": EstimateHandler(pipeline, max_input_pixels=settings.max_input_pixels),
+        }
         metrics.MODEL_INFO.labels(pipeline.weights_id, str(pipeline.dtype).removeprefix("torch."),
                                   str(pipeline.device)).set(1)
         self.ready = True

@@ -1,10 +1,11 @@
 """The micro-batcher: a bounded queue in front of ONE inference thread.
 
 Requests wait in arrival order; the scheduler takes the oldest live one, then up to `max_batch`
-compatible ones (same key), waiting at most `max_wait` for more, and runs them as one `predict`
-call on the inference thread (the model is never touched from the event loop or two threads).
-Knows nothing about images or HTTP beyond the errors it raises: `predict` is injected, so it is
-unit-tested with a fake. LitServe and TGI's router keep the same separation.
+compatible ones (same handler, same key), waiting at most `max_wait` for more, and runs them as
+one `handler.predict` call on the inference thread (the model is never touched from the event
+loop or two threads). Knows nothing about images or HTTP beyond the errors it raises: each
+request comes with its handler (service/handlers.py), so it is unit-tested with a fake one.
+LitServe and TGI's router keep the same separation.
 """
 from __future__ import annotations
 
@@ -14,12 +15,26 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Hashable, Sequence
+from typing import Any, Awaitable, Callable, Hashable, Protocol, Sequence
 
 from s3diff_serve.service import metrics
 from s3diff_serve.service.errors import ServiceError
 
-Predict = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+class BatchHandler(Protocol):
+    """What the batcher needs of a kind of request."""
+
+    kind: str
+
+    def batch_key(self, request: Any) -> Hashable | None:
+        """Requests with equal keys may share a batch; None: always alone."""
+
+    def cost(self, request: Any) -> float:
+        """Relative work, for Retry-After."""
+
+    def predict(self, requests: Sequence[Any]) -> Sequence[Any]:
+        """One result per request, in order (runs on the inference thread)."""
 
 
 @dataclass
@@ -33,6 +48,7 @@ class Outcome:
 
 @dataclass(eq=False)
 class _Item:
+    handler: BatchHandler
     payload: Any
     key: Hashable | None  # None: never shares a batch (tiled images, jobs)
     cost: float  # relative work (the pipeline plan's padded pixels), for Retry-After
@@ -43,8 +59,7 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, predict: Predict, *, max_batch: int = 4, max_wait_s: float = 0.01, max_queue: int = 32):
-        self._predict = predict
+    def __init__(self, *, max_batch: int = 4, max_wait_s: float = 0.01, max_queue: int = 32):
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
@@ -124,9 +139,9 @@ class Batcher:
         return max(1, math.ceil(work * self._seconds_per_cost))
 
     # --- submitting -----------------------------------------------------------------------------
-    async def submit(self, payload: Any, *, key: Hashable | None, timeout_s: float, cost: float = 1.0,
+    async def submit(self, handler: BatchHandler, payload: Any, *, timeout_s: float,
                      client_gone: Callable[[], Awaitable[bool]] | None = None) -> Outcome:
-        """Queue one payload (of relative work `cost`) and wait for its result.
+        """Queue one request for `handler` and wait for its result.
 
         Raises ServiceError: 503 when draining, 429 (+ Retry-After) when the queue is full, 504
         past the deadline, 499 when `client_gone` says the client disconnected first. In the
@@ -139,7 +154,9 @@ class Batcher:
             wait = self.retry_after_s()
             raise ServiceError(429, "queue_full", f"{len(self._queue)} requests are waiting; retry in {wait} s",
                                {"Retry-After": str(wait)})
-        item = _Item(payload, key, cost, asyncio.get_running_loop().create_future())
+        key = handler.batch_key(payload)
+        key = None if key is None else (handler.kind, key)
+        item = _Item(handler, payload, key, handler.cost(payload), asyncio.get_running_loop().create_future())
         metrics.INFLIGHT.inc()
         self._queue.append(item)
         self._on_queue_change()
@@ -238,7 +255,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         metrics.BATCH_SIZE.observe(len(batch))
         try:
-            results = await loop.run_in_executor(self._thread, self._on_thread, self._predict,
+            results = await loop.run_in_executor(self._thread, self._on_thread, batch[0].handler.predict,
                                                  [item.payload for item in batch])
         except Exception as error:  # noqa: BLE001 - handed to the waiting requests, never swallowed
             if len(batch) > 1:

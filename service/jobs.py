@@ -26,7 +26,7 @@ class Job:
     done: int = 0
     total: int = 0
     finished_at: float | None = None
-    result: Any = None  # stages.EncodedImage when succeeded
+    result: Any = None  # handlers.Reply when succeeded
     error: ServiceError | None = None
     scores: dict[str, float] = field(default_factory=dict)
     task: asyncio.Task | None = None

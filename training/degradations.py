@@ -15,8 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import kornia
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from s3diff_serve.evaluation.evaluate import to_tensor, to_uint8
 
 from .config import DegradationConfig, NoiseStage, ResizeStage
 from .kernels import final_sinc_kernels, random_blur_kernels, uniform
@@ -167,3 +170,11 @@ class RealESRGANDegradation:
 
         lowres = (out.clamp(0, 1) * 255).round() / 255
         return DegradedBatch(lowres=lowres, highres=highres, blur_score=blur_score.float(), noise_score=noise_score.float())
+
+
+def realistic_lowres(highres: np.ndarray, seed: int, index: int) -> np.ndarray:
+    """`s3diff evaluate --degradation realistic`: the uint8 LR of a uint8 HR crop under the
+    default degradation, drawn from a generator seeded by (seed, index), so each photo gets the
+    same LR in every run."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return to_uint8(RealESRGANDegradation(DegradationConfig())(to_tensor(highres), generator).lowres[0])

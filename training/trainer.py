@@ -17,7 +17,6 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 
 from s3diff_serve.evaluation.metrics import LPIPS
-from s3diff_serve.model.color_fix import color_fix
 from s3diff_serve.model.degradation_estimator import BLUR_INDEX, NOISE_INDEX
 from s3diff_serve.model.output_size import pre_resize
 
@@ -174,11 +173,9 @@ class Trainer:
             blur, noise = batch.blur_score, batch.noise_score
         else:
             blur, noise = estimated[:, BLUR_INDEX].detach(), estimated[:, NOISE_INDEX].detach()
-        source = upscaled * 2 - 1
-        prediction = self.model(source, blur, noise, states).float()
-        if self.config.losses.color_fix != "none":
-            prediction = color_fix(prediction, source, self.config.losses.color_fix)
-        return prediction, target * 2 - 1, negatives, estimator_loss
+        prediction = self.model(batch.lowres, blur, noise, states, pre_resize=self.pre_resize,
+                                color_fix=self.config.losses.color_fix).float()
+        return prediction * 2 - 1, target * 2 - 1, negatives, estimator_loss
 
     def reconstruction_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(MSE, L1, LPIPS); LPIPS is skipped when its weight is 0."""
@@ -252,11 +249,9 @@ class Trainer:
         raw.eval()
         try:
             scores = raw.estimate(batch.lowres)
-            source = pre_resize(batch.lowres, self.pre_resize) * 2 - 1
-            prediction = raw(source, scores[:, BLUR_INDEX], scores[:, NOISE_INDEX]).float()
-            if self.config.losses.color_fix != "none":
-                prediction = color_fix(prediction, source, self.config.losses.color_fix)
-            mse, l1, lpips = self.reconstruction_loss(prediction, batch.highres * 2 - 1)
+            prediction = raw(batch.lowres, scores[:, BLUR_INDEX], scores[:, NOISE_INDEX], pre_resize=self.pre_resize,
+                             color_fix=self.config.losses.color_fix).float()
+            mse, l1, lpips = self.reconstruction_loss(prediction * 2 - 1, batch.highres * 2 - 1)
         finally:
             set_train_mode(raw, self.config.model)
         losses = self.config.losses

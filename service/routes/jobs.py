@@ -4,17 +4,15 @@ progress in work units, i.e. tiles), fetch the result, or DELETE to cancel."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from s3diff_serve.model import UpscaleOptions
 from s3diff_serve.service.auth import require_api_key
 from s3diff_serve.service.errors import ServiceError, error_responses
 from s3diff_serve.service.request_log import note
-from s3diff_serve.service.routes.upscale import IMAGE_RESPONSES, UPLOAD_ERRORS, accept_upscale, image_body
-from s3diff_serve.service.upscaling import run_job
+from s3diff_serve.service.request_path import run_job
+from s3diff_serve.service.routes.upscale import IMAGE_RESPONSES, UPLOAD_ERRORS, accept, image_body
 # 422 on the job-id routes too: FastAPI documents one for any route with parameters.
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(401, 422))
@@ -24,11 +22,11 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(requi
              responses={202: {"description": "the job, queued", "headers": {"Location": {
                  "description": "the job's status URL", "required": True, "schema": {"type": "string"}}}},
                         **error_responses(*UPLOAD_ERRORS, 429)})
-async def create_job(request: Request, query: Annotated[UpscaleOptions, Query()]) -> JSONResponse:
+async def create_job(request: Request) -> JSONResponse:
     service = request.app.state.service
-    task = await accept_upscale(request, query)
+    resolved = await accept(request, "upscale")
     job = service.jobs.create()
-    job.task = asyncio.get_running_loop().create_task(run_job(service, job, task))
+    job.task = asyncio.get_running_loop().create_task(run_job(service, job, resolved))
     note(request, job_id=job.id)
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -47,8 +45,7 @@ async def job_result(request: Request, job_id: str) -> Response:
     if job.status != "succeeded":
         raise ServiceError(409, "job_not_finished", f"the job is {job.status}; poll /v1/jobs/{job_id}",
                            {"Retry-After": "1"})
-    return Response(job.result.body, media_type=job.result.media_type, headers={
-        "X-S3Diff-Noise": f"{job.scores['noise']:.6f}", "X-S3Diff-Blur": f"{job.scores['blur']:.6f}"})
+    return Response(job.result.body, media_type=job.result.media_type, headers=dict(job.result.headers))
 
 
 @router.delete("/{job_id}", summary="Cancel a job and forget it", responses=error_responses(404))

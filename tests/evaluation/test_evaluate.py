@@ -17,24 +17,11 @@ from s3diff_serve.cli import evaluate as cli_evaluate
 from s3diff_serve.evaluation import metrics
 from s3diff_serve.evaluation.cache import MissingWeightsError
 from s3diff_serve.evaluation.contact_sheet import GAP, LINE
-from s3diff_serve.evaluation.evaluate import centre_crop, evaluate, make_lowres, mean_by_method
-from s3diff_serve.evaluation.metric_weights import metric_file
+from s3diff_serve.evaluation.evaluate import centre_crop, evaluate, mean_by_method
+from s3diff_serve.training.degradations import realistic_lowres
 from s3diff_serve.model import S3DiffPipeline
 
 CROP = 64
-METRIC_FILES = ("alexnet.safetensors", "vgg16.safetensors", "lpips_alex_heads.safetensors",
-                "lpips_vgg_heads.safetensors", "dists_alpha_beta.safetensors", "niqe_pris_params.npz")
-
-
-def _real_metrics_present() -> bool:
-    try:
-        for name in METRIC_FILES:
-            metric_file(name)
-        return True
-    except MissingWeightsError:
-        return False
-
-
 class FakeSuite:
     """MetricSuite's interface without networks: real PSNR/SSIM, cheap stand-ins for the rest."""
 
@@ -118,23 +105,24 @@ def test_record_structure_and_means(run, tiny_merged_dir):
 def test_saved_crops_lowres_and_outputs(run, corpus):
     out, _ = run
     chelsea = skdata.chelsea()
-    hr = _png(out / "images" / "b-chelsea_hr.png")
+    hr = _png(out / "images" / "validation" / "b-chelsea_hr.png")
     top, left = (chelsea.shape[0] - CROP) // 2, (chelsea.shape[1] - CROP) // 2
     np.testing.assert_array_equal(hr, chelsea[top:top + CROP, left:left + CROP])
-    lr = _png(out / "images" / "b-chelsea_lr.png")
+    lr = _png(out / "images" / "validation" / "b-chelsea_lr.png")
     assert lr.shape == (CROP // 4, CROP // 4, 3)
     expected_lr = np.asarray(Image.fromarray(hr).resize((CROP // 4, CROP // 4), Image.BICUBIC))
     np.testing.assert_array_equal(lr, expected_lr)
     for method in ("bicubic", "s3diff"):
-        assert _png(out / "images" / f"b-chelsea_{method}.png").shape == (CROP, CROP, 3)
-    assert _png(out / "images" / "a-camera_hr.png").shape == (CROP, CROP, 3)  # grayscale photo -> RGB
+        assert _png(out / "images" / "validation" / f"b-chelsea_{method}.png").shape == (CROP, CROP, 3)
+    assert _png(out / "images" / "validation" / "a-camera_hr.png").shape == (CROP, CROP, 3)  # grayscale photo -> RGB
 
 
 def test_bicubic_psnr_matches_skimage_on_saved_images(run):
     out, result = run
     for record in (r for r in result["images"] if r["method"] == "bicubic"):
-        hr = _png(out / "images" / f"{record['id']}_hr.png")[4:-4, 4:-4]
-        sr = _png(out / "images" / f"{record['id']}_bicubic.png")[4:-4, 4:-4]
+        stem = record["path"].removesuffix(".png")
+        hr = _png(out / "images" / f"{stem}_hr.png")[4:-4, 4:-4]
+        sr = _png(out / "images" / f"{stem}_bicubic.png")[4:-4, 4:-4]
         assert record["psnr"] == pytest.approx(peak_signal_noise_ratio(hr, sr, data_range=255), abs=1e-9)
         y_hr, y_sr = rgb2ycbcr(hr)[..., 0], rgb2ycbcr(sr)[..., 0]
         assert record["psnr_y"] == pytest.approx(peak_signal_noise_ratio(y_hr, y_sr, data_range=255), abs=1e-6)
@@ -147,7 +135,7 @@ def test_contact_sheet_size(run):
         assert sheet.size == (GAP + 4 * (256 + GAP), GAP + 2 * (256 + 3 * LINE + 2 * GAP))
         pixels = np.asarray(sheet.convert("RGB"))
     tile = pixels[GAP:GAP + 256, GAP + 3 * (256 + GAP):GAP + 3 * (256 + GAP) + 256]  # first row's HR
-    hr = np.asarray(Image.open(out / "images" / "a-camera_hr.png").convert("RGB").resize((256, 256), Image.NEAREST))
+    hr = np.asarray(Image.open(out / "images" / "validation" / "a-camera_hr.png").convert("RGB").resize((256, 256), Image.NEAREST))
     np.testing.assert_array_equal(tile, hr)
 
 
@@ -155,19 +143,62 @@ def test_contact_sheet_size(run):
 def test_same_lowres_in_every_run(corpus, tmp_path, degradation):
     lowres = []
     for name in ("first", "second"):
-        evaluate(corpus, tmp_path / name, methods=("bicubic",), degradation=degradation, crop=CROP, progress=False)
-        lowres.append([_png(tmp_path / name / "images" / f"{i}_lr.png") for i in ("a-camera", "b-chelsea")])
+        maker = {"make_lowres": realistic_lowres} if degradation == "realistic" else {}
+        evaluate(corpus, tmp_path / name, methods=("bicubic",), degradation=degradation, crop=CROP, progress=False,
+                 **maker)
+        lowres.append([_png(tmp_path / name / "images" / "validation" / f"{i}_lr.png")
+                        for i in ("a-camera", "b-chelsea")])
     for a, b in zip(*lowres):
         assert a.shape == (CROP // 4, CROP // 4, 3)
         np.testing.assert_array_equal(a, b)
 
 
+def test_any_folder_of_images_is_evaluated_recursively(tmp_path):
+    """No manifest: every PNG/JPEG/WebP/TIFF below the folder, in path order; a small photo is
+    centre-cropped to its largest multiple-of-4 square; unreadable files are listed with a reason."""
+    folder = tmp_path / "mine"
+    (folder / "trip" / "day2").mkdir(parents=True)
+    coffee, chelsea = skdata.coffee(), skdata.chelsea()
+    Image.fromarray(coffee).save(folder / "b.webp", lossless=True)
+    Image.fromarray(chelsea).save(folder / "trip" / "a.JPG", quality=95)
+    Image.fromarray(coffee[:30, :41]).save(folder / "trip" / "day2" / "small.tif")
+    (folder / "trip" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "notes.txt").write_text("not an image")
+    result = evaluate(folder, tmp_path / "out", methods=("bicubic",), crop=CROP, progress=False)
+    assert [r["path"] for r in result["images"]] == ["b.webp", "trip/a.JPG", "trip/day2/small.tif"]
+    assert [s["path"] for s in result["skipped"]] == ["trip/broken.png"]
+    assert "not a readable image" in result["skipped"][0]["reason"]
+    assert result["conditions"]["photos"] == 3
+    small = _png(tmp_path / "out" / "images" / "trip" / "day2" / "small_hr.png")
+    np.testing.assert_array_equal(small, coffee[1:29, 6:34])  # 28x28: (30-28)/2, (41-28)//2
+    webp = _png(tmp_path / "out" / "images" / "b_hr.png")
+    top, left = (coffee.shape[0] - CROP) // 2, (coffee.shape[1] - CROP) // 2
+    np.testing.assert_array_equal(webp, coffee[top:top + CROP, left:left + CROP])
+
+
+def test_a_folder_without_a_single_readable_image_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images to evaluate"):
+        evaluate(tmp_path / "empty", tmp_path / "out", methods=("bicubic",), crop=CROP, progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.jpg").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="none of the 1 images"):
+        evaluate(tmp_path / "junk", tmp_path / "out", methods=("bicubic",), crop=CROP, progress=False)
+
+
+def test_cli_evaluates_a_plain_folder(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(skdata.chelsea()).save(tmp_path / "photos" / "cat.png")
+    assert _cli("--data", tmp_path / "photos", "--methods", "bicubic", "--crop", CROP, "--out", tmp_path / "out") == 0
+    assert [r["path"] for r in json.loads((tmp_path / "out" / "metrics.json").read_text())["images"]] == ["cat.png"]
+
+
 def test_realistic_lowres_depends_on_seed_and_photo():
     hr = centre_crop(skdata.astronaut(), CROP)
-    first = make_lowres(hr, "realistic", seed=0, index=0)
-    np.testing.assert_array_equal(first, make_lowres(hr, "realistic", seed=0, index=0))
-    assert not np.array_equal(first, make_lowres(hr, "realistic", seed=1, index=0))
-    assert not np.array_equal(first, make_lowres(hr, "realistic", seed=0, index=1))
+    first = realistic_lowres(hr, seed=0, index=0)
+    np.testing.assert_array_equal(first, realistic_lowres(hr, seed=0, index=0))
+    assert not np.array_equal(first, realistic_lowres(hr, seed=1, index=0))
+    assert not np.array_equal(first, realistic_lowres(hr, seed=0, index=1))
     assert first.dtype == np.uint8 and first.shape == (CROP // 4, CROP // 4, 3)
 
 
@@ -201,8 +232,8 @@ def test_bad_options_raise(corpus, tmp_path):
         evaluate(corpus, tmp_path, methods=("s3diff",), weights=tmp_path / "absent", progress=False)
 
 
-@pytest.mark.skipif(not _real_metrics_present(), reason="metric weights not fetched (`s3diff weights fetch-metrics`)")
-def test_real_metric_suite(corpus, tmp_path, monkeypatch):
+@pytest.mark.network
+def test_real_metric_suite(metric_weights, corpus, tmp_path, monkeypatch):
     monkeypatch.undo()
     result = evaluate(corpus, tmp_path, methods=("bicubic",), crop=192, limit=1, progress=False, device="cpu")
     (record,) = result["images"]

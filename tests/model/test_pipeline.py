@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 
 from s3diff_serve.model import InvalidInputError, NonFiniteOutputError, S3DiffPipeline, UpscaleOptions
 from s3diff_serve.model.config import MergedConfig
-from s3diff_serve.model.pipeline import pad_to_multiple
+from s3diff_serve.model.one_step import pad_to_multiple
 from s3diff_serve.model.output_size import resample
 from s3diff_serve.model.presets import build_model
 
@@ -40,9 +40,10 @@ def test_guidance_one_equals_positive_only_pass(pipe, lowres):
     result = pipe.enhance(lowres[:1], UpscaleOptions(guidance_scale=1.0, color_fix="none"))
     model = pipe.model
     with torch.no_grad():
-        model.set_degradation(result.blur, result.noise)
+        modulation = model.degradation_modulation(result.blur, result.noise)
         image = pad_to_multiple(pipe.upscale(lowres[:1]) * 2 - 1)
-        latent = model.encode(image)
+        latent = model.encode(image, modulation.vae)
+        model.unet_slot.modulation = modulation.unet  # by hand, as the network call does
         eps = model.unet(latent, 999, encoder_hidden_states=model.positive_embeds).sample
         x0 = model.clean_sample(latent, eps)
         expected = model.decode(x0)[..., :64, :80] * 0.5 + 0.5
@@ -131,7 +132,7 @@ def test_bad_arguments_raise_clear_errors(pipe, lowres, kwargs, message):
     "values, message",
     [
         ({"color_fix": "sepia"}, "color_fix: Input should be 'wavelet', 'adain' or 'none'"),
-        ({"guidance_scale": float("nan")}, "guidance_scale: Input should be less than or equal to 20"),
+        ({"guidance_scale": float("nan")}, "guidance_scale: Input should be a finite number"),
         ({"noise": 1.5}, "noise: Input should be less than or equal to 1"),
         ({"scale": 2, "width": 100}, "give only one of scale, width/height, longest_side"),
         ({"tile": 64}, "tile: Extra inputs are not permitted"),
@@ -206,3 +207,34 @@ def test_the_pre_resize_is_the_weights_own(pipe, lowres):
     assert resized["bicubic"].min() >= 0 and resized["bicubic"].max() <= 1
     assert (resized["bicubic"] - resized["bilinear"]).abs().mean() > 0.005
     assert torch.equal(pipe.upscale(image), resized["bilinear"])  # the released weights' default
+
+
+def test_the_tile_that_runs_is_the_tile_that_was_priced(pipe, monkeypatch):
+    """On CUDA the tile comes from the free memory. It is read once, when planning: a reading
+    that changes before the plan runs (here: more memory free, which would allow one tile)
+    must not change the tiles that run, which are the ones the plan priced."""
+    from s3diff_serve.model import pipeline as pipeline_module
+    from s3diff_serve.model import tiling
+
+    per_pixel = tiling.CUDA_BYTES_PER_IMAGE_PIXEL[torch.float32] * pipe.latent_factor**2
+
+    def free_bytes_for(tile: int) -> int:  # the reading at which choose_tile_size picks `tile`
+        return int((tile + 1) ** 2 * per_pixel / tiling.CUDA_MEMORY_FRACTION)
+
+    readings = iter([free_bytes_for(32), free_bytes_for(48), free_bytes_for(48)])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (next(readings), 80 * 2**30))
+    choose = tiling.choose_tile_size
+    # this pipeline's device is the CPU: choose its tiles as on a CUDA device, from the free memory
+    monkeypatch.setattr(pipeline_module, "choose_tile_size",
+                        lambda device, dtype, factor, requested=None: choose(torch.device("cuda"), dtype, factor))
+    lowres = torch.rand(1, 3, 24, 80, generator=torch.Generator().manual_seed(4))  # latent 16 x 40
+    plan = pipe.plan(24, 80)
+    assert (plan.tile, plan.tiles) == (32, 2) and plan.work_units == 6
+    assert choose(torch.device("cuda"), torch.float32, pipe.latent_factor) == 48  # memory has changed since
+    decoded, units = [], []
+    decode = pipe.model.decode
+    monkeypatch.setattr(pipe.model, "decode", lambda latent: decoded.append(latent.shape[-2:]) or decode(latent))
+    pipe.execute(lowres, plan, [0.2], [0.3], progress=lambda done, total: units.append((done, total)))
+    assert decoded == [(16, 32), (16, 32)]  # the priced tiles (48 would have run one 16 x 40 tile)
+    assert units[-1] == (plan.work_units, plan.work_units) and len(units) == plan.work_units
+    assert next(readings) == free_bytes_for(48)  # execute read no free memory

@@ -10,7 +10,7 @@ from s3diff_serve.model import runtime
 from s3diff_serve.model.config import MergedConfig
 from s3diff_serve.model.presets import build_model
 from s3diff_serve.model.runtime import (
-    CompilePlan, compile_setting, plan_compile, resolve_runtime, use_channels_last,
+    CompilePlan, compile_setting, plan_compile, resolve_runtime,
 )
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -86,11 +86,6 @@ def test_compile_without_a_kernel_compiler(cpu, monkeypatch):
     monkeypatch.setenv(runtime.COMPILE_ENV, "on")
     with pytest.raises(InvalidInputError, match="no kernel compiler"):
         plan_compile(CPU, torch.float32)
-
-
-def test_channels_last_where_it_pays():
-    assert use_channels_last(CUDA, torch.float16) and use_channels_last(CPU, torch.bfloat16)
-    assert use_channels_last(CPU, torch.float32) and not use_channels_last(torch.device("meta"), torch.float32)
 
 
 def test_pipeline_applies_the_choice(cpu, monkeypatch):

@@ -16,7 +16,7 @@ from s3diff_serve.model import S3DiffPipeline
 from s3diff_serve.model.color_fix import color_fix
 from s3diff_serve.model.config import MergedConfig
 from s3diff_serve.model.options import UpscaleOptions
-from s3diff_serve.model.pipeline import pad_to_multiple
+from s3diff_serve.model.one_step import pad_to_multiple
 from s3diff_serve.model.presets import build_model
 from s3diff_serve.model.tiling import (
     MIN_TILE, TilingOutOfMemoryError, choose_tile_size, estimator_view, gaussian_weights, overlap_for,
@@ -147,10 +147,10 @@ def test_image_in_one_tile_gives_exactly_the_untiled_output(pipe_name, factor, r
     model = tiny_pipe.model
     with torch.inference_mode():
         upscaled = tiny_pipe.upscale(lowres)
-        model.set_degradation(torch.tensor([0.6]), torch.tensor([0.3]))
-        with model.vae_slot.folded():
-            latent = model.encode(pad_to_multiple(upscaled * 2 - 1))
-        clean = model.clean_sample(latent, model.predict_noise(latent, 1.07))
+        modulation = model.degradation_modulation(torch.tensor([0.6]), torch.tensor([0.3]))
+        with model.vae_slot.folded(modulation.vae):
+            latent = model.encode(pad_to_multiple(upscaled * 2 - 1), modulation.vae)
+        clean = model.clean_sample(latent, model.predict_noise(latent, modulation.unet, 1.07))
         decoded = model.decode(clean)[..., :64, :88]
         expected = color_fix(decoded * 0.5 + 0.5, upscaled, "wavelet")
     assert torch.equal(result.images, expected)

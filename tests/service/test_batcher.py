@@ -1,4 +1,4 @@
-"""The micro-batcher with a fake predict function: grouping, limits, deadlines, disconnects,
+"""The micro-batcher with a fake handler: grouping, limits, deadlines, disconnects,
 failure isolation and draining, without a model."""
 from __future__ import annotations
 
@@ -32,12 +32,27 @@ class FakeModel:
         return [payload * 10 for payload in payloads]
 
 
+class Keyed:
+    """A fake handler: every request gets `key` (None: runs alone) and runs through `model`."""
+
+    kind = "fake"
+
+    def __init__(self, model: FakeModel, key):
+        self.predict, self.key = model, key
+
+    def batch_key(self, payload):
+        return self.key
+
+    def cost(self, payload) -> float:
+        return 1.0
+
+
 def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, 10))
 
 
 async def started(model: FakeModel, **options) -> Batcher:
-    batcher = Batcher(model, **options)
+    batcher = Batcher(**options)
     batcher.start()
     return batcher
 
@@ -46,7 +61,7 @@ def test_compatible_requests_share_a_batch_up_to_max_batch():
     async def scenario():
         model = FakeModel()
         batcher = await started(model, max_batch=3, max_wait_s=0.2, max_queue=10)
-        outcomes = await asyncio.gather(*(batcher.submit(i, key="a", timeout_s=5) for i in range(5)))
+        outcomes = await asyncio.gather(*(batcher.submit(Keyed(model, "a"), i, timeout_s=5) for i in range(5)))
         await batcher.stop()
         return model, outcomes
 
@@ -61,9 +76,9 @@ def test_incompatible_requests_never_share_and_keyless_run_alone():
     async def scenario():
         model = FakeModel()
         batcher = await started(model, max_batch=4, max_wait_s=0.1, max_queue=10)
-        submits = [batcher.submit(1, key="a", timeout_s=5), batcher.submit(2, key="b", timeout_s=5),
-                   batcher.submit(3, key="a", timeout_s=5), batcher.submit(4, key=None, timeout_s=5),
-                   batcher.submit(5, key=None, timeout_s=5)]
+        submits = [batcher.submit(Keyed(model, "a"), 1, timeout_s=5), batcher.submit(Keyed(model, "b"), 2, timeout_s=5),
+                   batcher.submit(Keyed(model, "a"), 3, timeout_s=5), batcher.submit(Keyed(model, None), 4, timeout_s=5),
+                   batcher.submit(Keyed(model, None), 5, timeout_s=5)]
         await asyncio.gather(*submits)
         await batcher.stop()
         return model
@@ -77,12 +92,12 @@ def test_full_queue_refuses_with_429_and_retry_after():
         model = FakeModel()
         model.release.clear()  # hold the first batch so the queue fills behind it
         batcher = await started(model, max_batch=1, max_wait_s=0, max_queue=2)
-        running = asyncio.ensure_future(batcher.submit(0, key="a", timeout_s=5))
+        running = asyncio.ensure_future(batcher.submit(Keyed(model, "a"), 0, timeout_s=5))
         await asyncio.sleep(0.05)
-        queued = [asyncio.ensure_future(batcher.submit(i, key="a", timeout_s=5)) for i in (1, 2)]
+        queued = [asyncio.ensure_future(batcher.submit(Keyed(model, "a"), i, timeout_s=5)) for i in (1, 2)]
         await asyncio.sleep(0.05)
         with pytest.raises(ServiceError) as refused:
-            await batcher.submit(3, key="a", timeout_s=5)
+            await batcher.submit(Keyed(model, "a"), 3, timeout_s=5)
         model.release.set()
         results = [o.result for o in await asyncio.gather(running, *queued)]
         await batcher.stop()
@@ -99,10 +114,10 @@ def test_deadline_gives_504_and_the_expired_request_is_never_run():
         model = FakeModel()
         model.release.clear()
         batcher = await started(model, max_batch=1, max_wait_s=0, max_queue=5)
-        running = asyncio.ensure_future(batcher.submit(0, key="a", timeout_s=5))
+        running = asyncio.ensure_future(batcher.submit(Keyed(model, "a"), 0, timeout_s=5))
         await asyncio.sleep(0.05)
         with pytest.raises(ServiceError) as expired:
-            await batcher.submit(1, key="a", timeout_s=0.1)
+            await batcher.submit(Keyed(model, "a"), 1, timeout_s=0.1)
         depth_after = batcher.depth
         model.release.set()
         await running
@@ -119,21 +134,21 @@ def test_client_that_disconnects_while_queued_is_dropped():
         model = FakeModel()
         model.release.clear()
         batcher = await started(model, max_batch=1, max_wait_s=0, max_queue=5)
-        running = asyncio.ensure_future(batcher.submit(0, key="a", timeout_s=5))
+        running = asyncio.ensure_future(batcher.submit(Keyed(model, "a"), 0, timeout_s=5))
         await asyncio.sleep(0.05)
         gone = asyncio.Event()
 
         async def client_gone() -> bool:
             return gone.is_set()
 
-        queued = asyncio.ensure_future(batcher.submit(1, key="a", timeout_s=5, client_gone=client_gone))
+        queued = asyncio.ensure_future(batcher.submit(Keyed(model, "a"), 1, timeout_s=5, client_gone=client_gone))
         await asyncio.sleep(0.05)
         gone.set()
         with pytest.raises(ServiceError) as dropped:
             await queued
         model.release.set()
         await running
-        await batcher.submit(2, key="a", timeout_s=5)
+        await batcher.submit(Keyed(model, "a"), 2, timeout_s=5)
         await batcher.stop()
         return dropped.value, model
 
@@ -146,7 +161,7 @@ def test_a_failing_batch_is_rerun_item_by_item():
     async def scenario():
         model = FakeModel()
         batcher = await started(model, max_batch=3, max_wait_s=0.2, max_queue=10)
-        results = await asyncio.gather(*(batcher.submit(p, key="a", timeout_s=5) for p in (1, "bad", 3)),
+        results = await asyncio.gather(*(batcher.submit(Keyed(model, "a"), p, timeout_s=5) for p in (1, "bad", 3)),
                                        return_exceptions=True)
         await batcher.stop()
         return results, model
@@ -162,11 +177,11 @@ def test_drain_finishes_queued_work_then_refuses_new_work():
     async def scenario():
         model = FakeModel(delay_s=0.05)
         batcher = await started(model, max_batch=1, max_wait_s=0, max_queue=10)
-        pending = [asyncio.ensure_future(batcher.submit(i, key="a", timeout_s=5)) for i in range(3)]
+        pending = [asyncio.ensure_future(batcher.submit(Keyed(model, "a"), i, timeout_s=5)) for i in range(3)]
         await asyncio.sleep(0.01)
         finished = await batcher.drain(timeout_s=5)
         with pytest.raises(ServiceError) as refused:
-            await batcher.submit(9, key="a", timeout_s=5)
+            await batcher.submit(Keyed(model, "a"), 9, timeout_s=5)
         results = [o.result for o in await asyncio.gather(*pending)]
         await batcher.stop()
         return finished, refused.value, results

@@ -223,6 +223,8 @@ def test_job_lifecycle(client, tiny_pipeline):
 
 def test_job_with_a_bad_image_is_refused_up_front(client):
     assert_error(client.post("/v1/jobs", content=b"GIF89a not really", headers={"content-type": "image/gif"}),
+                 400, "corrupt_image")
+    assert_error(client.post("/v1/jobs", content=b"neither an image", headers={"content-type": "image/x-unknown"}),
                  415, "unsupported_image")
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from s3diff_serve.model.checkpoints import read_merged_config, save_merged
 from s3diff_serve.model.config import TIMESTEP
+from s3diff_serve.model.output_size import pre_resize
 from s3diff_serve.training.config import DegradationConfig, LossConfig, ModelSource, TrainConfig
 from s3diff_serve.training.degradations import NOISE_STD_FULL, RealESRGANDegradation, kernel_std
 from s3diff_serve.training.kernels import gaussian_family
@@ -40,12 +41,13 @@ def scratch_config(output_dir: Path, **overrides) -> TrainConfig:
 def test_every_weight_trains_and_the_start_is_an_autoencoder():
     model = build_trainable_model(None, ModelSource(preset="tiny", train_all=True, rank_unet=4, rank_vae=4)).eval()
     assert all(p.requires_grad for p in model.parameters())
-    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    lowres = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
-        model.set_degradation(torch.zeros(1), torch.zeros(1))
-        latent = model.encode(image)
-        expected = model.vae.decode(latent / model.alpha_bar**0.5 / model.scaling_factor).sample
-        assert torch.allclose(model(image, torch.zeros(1), torch.zeros(1)), expected, atol=1e-5)
+        image = pre_resize(lowres, "bilinear") * 2 - 1
+        latent = model.encode(image, model.degradation_modulation(torch.zeros(1), torch.zeros(1)).vae)
+        expected = model.vae.decode(latent / model.alpha_bar**0.5 / model.scaling_factor).sample * 0.5 + 0.5
+        output = model(lowres, torch.zeros(1), torch.zeros(1), pre_resize="bilinear", color_fix="none")
+        assert torch.allclose(output, expected, atol=1e-5)
     assert model.alpha_bar == pytest.approx(0.0046601, rel=1e-3) and TIMESTEP == 999
 
 
@@ -171,16 +173,18 @@ def test_the_training_pre_resize_comes_from_the_config_else_the_starting_weights
 
 def test_the_trainer_feeds_the_model_its_pre_resize(scratch_run, monkeypatch):
     """The x4 input of a training step is model.output_size.pre_resize of the degraded LR with the
-    run's mode: the same function serving calls."""
+    run's mode, in step 1 of the recipe serving runs too (model/one_step.py)."""
+    from s3diff_serve.model import one_step
     from s3diff_serve.model.output_size import pre_resize
 
     trainer, _, _ = scratch_run
     seen = []
-    monkeypatch.setattr(trainer.raw_model, "forward", lambda source, *args: seen.append(source) or source)
+    monkeypatch.setattr(one_step, "resize_to_model_size",
+                        lambda lowres, mode: seen.append((lowres.clone(), mode)) or pre_resize(lowres, mode))
     highres = next(iter(trainer.loader))
     trainer.generator_prediction(highres, torch.Generator().manual_seed(4))
     lowres = trainer.degrade(highres, torch.Generator().manual_seed(4)).lowres
-    assert torch.equal(seen[0], pre_resize(lowres, "bicubic") * 2 - 1)
+    assert len(seen) == 1 and seen[0][1] == "bicubic" and torch.equal(seen[0][0], lowres)
 
 
 def test_a_shallower_vae_starts_from_the_deeper_ones_matching_levels():

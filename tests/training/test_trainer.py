@@ -100,13 +100,15 @@ def test_checkpoint_loads_back_and_reproduces_the_trained_model(trained):
     files = trainer.files
     model = trainer.raw_model.eval()
     generator = torch.Generator().manual_seed(5)
-    image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    lowres = torch.rand(1, 3, 16, 16, generator=generator)
     blur, noise = torch.tensor([0.3]), torch.tensor([0.6])
+    recipe = {"pre_resize": trainer.pre_resize, "color_fix": "none"}
     with torch.no_grad():
-        expected = model(image, blur, noise)
-        from_release = load_release(files.sd_turbo_dir, checkpoint / "s3diff.pkl", files.de_net_pth)(image, blur, noise)
+        expected = model(lowres, blur, noise, **recipe)
+        released = load_release(files.sd_turbo_dir, checkpoint / "s3diff.pkl", files.de_net_pth)
+        from_release = released(lowres, blur, noise, **recipe)
         merged_model, _ = load_merged(checkpoint / "merged")
-        from_merged = merged_model(image, blur, noise)
+        from_merged = merged_model(lowres, blur, noise, **recipe)
     assert torch.allclose(from_release, expected, atol=1e-5)
     assert torch.allclose(from_merged, expected, atol=1e-5)
     initial = torch.load(files.init_s3diff_pkl, weights_only=True)["state_dict_unet"]

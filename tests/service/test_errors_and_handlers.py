@@ -1,16 +1,18 @@
-"""Error mapping to HTTP and the predict step's fp32 retry, with fake pipelines (no weights)."""
+"""Error mapping to HTTP, the upscale handler's resolve step and its fp32 retry, with fake pipelines
+(no weights) and the tiny model."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from s3diff_serve.model import EnhanceResult, InvalidInputError, NonFiniteOutputError, S3DiffPipeline, UpscaleOptions
+from s3diff_serve.model import EnhanceResult, InvalidInputError, NonFiniteOutputError, S3DiffPipeline
 from s3diff_serve.model.config import MergedConfig, TilingConfig
 from s3diff_serve.model.errors import CorruptImageError, ImageTooLargeError, UnsupportedImageError
-from s3diff_serve.model.image_io import decode_image
 from s3diff_serve.model.presets import build_model
 from s3diff_serve.service.errors import ServiceError, from_model_error
-from s3diff_serve.service.stages import Predictor, UpscaleTask, batch_key, decode
+from s3diff_serve.service.handlers import UpscaleHandler, UpscaleRequest, Upload
 from tests.service.images import png_bytes
 
 # The tiny model with 32-pixel latent tiles: inputs up to 64 px per side run untiled.
@@ -32,10 +34,12 @@ def test_model_errors_map_to_statuses(error, status, code):
 
 
 class FakePipeline:
+    device = torch.device("cpu")
+
     def __init__(self, dtype, fail: bool):
         self.dtype, self.fail, self.calls = dtype, fail, []
 
-    def enhance(self, images, options, **overrides):
+    def execute(self, images, plan, **overrides):
         self.calls.append((images.shape, overrides))
         if self.fail:
             raise NonFiniteOutputError("NaN")
@@ -50,19 +54,26 @@ def tiny_pipe():
     return S3DiffPipeline(build_model("tiny", seed=1), config, "cpu", "fp32")
 
 
+def handler_for(pipeline, max_output_pixels: int = 10**8, load_fp32=None) -> UpscaleHandler:
+    return UpscaleHandler(pipeline, max_input_pixels=10**6, max_output_pixels=max_output_pixels, load_fp32=load_fp32)
+
+
 @pytest.fixture(scope="module")
 def make_task(tiny_pipe):
-    def make(noise=None, size=(8, 8), **options) -> UpscaleTask:
-        image = decode_image(png_bytes(*size))
-        upscale = UpscaleOptions(noise=noise, **options)
-        return UpscaleTask(image, upscale, tiny_pipe.plan(*image.size, upscale))
+    def make(noise=None, size=(8, 8), **options) -> UpscaleRequest:
+        fields = {name: str(value) for name, value in {"noise": noise, **options}.items() if value is not None}
+        return handler_for(tiny_pipe).decode(Upload(png_bytes(*size), fields))
     return make
+
+
+def batch_key(request: UpscaleRequest):
+    return handler_for(None).batch_key(request)  # the key depends on the request only
 
 
 def test_non_finite_output_is_retried_once_in_fp32_with_a_lazily_loaded_copy(make_task):
     loads = []
     fallback = FakePipeline(torch.float32, fail=False)
-    predictor = Predictor(FakePipeline(torch.bfloat16, fail=True), lambda: loads.append(1) or fallback)
+    predictor = handler_for(FakePipeline(torch.bfloat16, fail=True), load_fp32=lambda: loads.append(1) or fallback).predict
     for _ in range(2):
         predictions = predictor([make_task(noise=0.1), make_task(noise=0.9)])
         assert [p.noise for p in predictions] == [0.25, 0.25] and predictions[0].image.shape == (3, 32, 32)
@@ -71,7 +82,7 @@ def test_non_finite_output_is_retried_once_in_fp32_with_a_lazily_loaded_copy(mak
 
 
 def test_non_finite_output_of_fp32_weights_is_not_retried(make_task):
-    predictor = Predictor(FakePipeline(torch.float32, fail=True), lambda: pytest.fail("no fp32 copy needed"))
+    predictor = handler_for(FakePipeline(torch.float32, fail=True), load_fp32=lambda: pytest.fail("no fp32 copy")).predict
     with pytest.raises(NonFiniteOutputError):
         predictor([make_task()])
 
@@ -82,8 +93,7 @@ def test_batch_key_groups_by_size_guidance_color_fix_and_output_size_but_not_sco
     assert batch_key(make_task()) != batch_key(make_task(guidance_scale=1.0))
     assert batch_key(make_task()) != batch_key(make_task(scale=2))
     assert batch_key(make_task()) != batch_key(make_task(size=(8, 9)))
-    job = make_task()
-    job.progress = lambda done, total: None
+    job = dataclasses.replace(make_task(), progress=lambda done, total: None)
     assert batch_key(job) is None  # jobs report progress, so they run alone
 
 
@@ -100,7 +110,7 @@ def test_every_batched_input_runs_untiled_in_one_pipeline_call(tiny_pipe, make_t
     decode_latent = tiny_pipe.model.decode
     monkeypatch.setattr(tiny_pipe.model, "decode", lambda latent: decoded_shapes.append(latent.shape) or decode_latent(latent))
     batch = tasks if batch_key(tasks[0]) == batch_key(tasks[1]) is not None else tasks[:1]
-    predictions = Predictor(tiny_pipe)(batch)
+    predictions = handler_for(tiny_pipe).predict(batch)
     assert [p.image.shape[-2:] for p in predictions] == [(4 * size[0], 4 * size[1])] * len(batch)
     if tiled:
         assert len(batch) == 1 and len(decoded_shapes) == tasks[0].plan.tiles > 1
@@ -113,11 +123,13 @@ def test_a_tall_thin_image_is_limited_by_its_padded_cost(tiny_pipe):
     8x32 latent pixels): its plan counts 65,536 pixels of work, over a 50,000 limit. A square of
     twice the pixels passes."""
     thin = png_bytes(1, 200)
+    handler = handler_for(tiny_pipe, max_output_pixels=50_000)
     with pytest.raises(ServiceError) as refused:
-        decode(thin, UpscaleOptions(), tiny_pipe, max_input_pixels=10**6, max_output_pixels=50_000)
+        handler.decode(Upload(thin, {}))
     assert (refused.value.status, refused.value.code) == (413, "output_too_large")
-    assert "3200 output pixels and 65536 padded model pixels" in refused.value.message
-    square = decode(png_bytes(20, 20), UpscaleOptions(), tiny_pipe, max_input_pixels=10**6, max_output_pixels=50_000)
+    assert "3200 output pixels and 65536 padded model pixels; the limit is 50000 (setting max_output_pixels)" \
+        in refused.value.message
+    square = handler.decode(Upload(png_bytes(20, 20), {}))
     assert square.plan.work_pixels == 128 * 128 and square.plan.output_size == (80, 80)
 
 
