@@ -16,16 +16,17 @@ Shape policy. Graphs are static (`dynamic=False`):
   padding see the extra pixels), so a result would depend on its bucket.
 So shapes are compiled only at warm-up (`compiling`): the tile, plus the sizes the caller
 configures. Any other shape runs eager: a new request shape never waits minutes for a compile.
-On the CPU, freezing gives each compiled shape its own prepacked copy of the weights (measured: a
-112 MB fp32 resnet block added 116-118 MB of RSS per compiled shape), one more reason to compile a
-few shapes rather than every size seen; and weights changed after warm-up are not seen by the
-frozen graphs (build a new pipeline instead).
+On the CPU the graphs are frozen (weights become constants) but not prepacked for oneDNN: prepacked
+weights were a second copy per compiled shape (a 112 MB fp32 resnet block added 116-118 MB of RSS
+per shape) and cannot be pickled, so no compile cache could keep such a graph. Weights changed
+after warm-up are not seen by the frozen graphs (build a new pipeline instead).
 
 Persistence (ArtifactCache): after a warm-up that compiled, torch.compiler's cache artifacts
-(inductor's compiled graphs and C++ kernels, AOTAutograd's entries) are saved to one file whose
-name is a hash of everything that decides the code: torch version, CPU flags, device, dtype, the
-warm-up shapes and the weights' id. The next start loads that file before compiling, so inductor
-and AOTAutograd hit their caches and only Dynamo's tracing is paid again. The same hash is
+(inductor's compiled graphs and C++ kernels) are saved to one file whose name is a hash of
+everything that decides the code: torch version, CPU flags, device, dtype, the warm-up shapes and
+the weights' id. The next start loads that file before compiling, so inductor skips code
+generation and the C++ compiler; Dynamo's and AOTAutograd's tracing and the freezing passes are
+paid again (AOTAutograd's cache refuses frozen graphs). The same hash is
 torch.compiler's `cache_key_tag`, so entries built for other weights or flags are never matched.
 A file that cannot be read, or a compile that fails with the cache, is logged, dropped and
 compiled again from scratch.
@@ -112,7 +113,6 @@ class CompiledCall:
             self.compile_seconds[key] = time.perf_counter() - start
         # A CUDA graph's output lives in its static pool and is overwritten by the next replay.
         return output.clone() if self.plan.cudagraphs else output
-
 
     def _recompile_without_caches(self, args: tuple, err: Exception) -> torch.Tensor | None:
         """A compile that failed may have read a stale or corrupt cache entry: compile once more
@@ -245,12 +245,17 @@ def warm_up_persistent(calls: Iterable[CompiledCall], cache: ArtifactCache, shap
     warm = cache.load()
     what = f"{', '.join(call.name for call in calls)} for {len(shapes)} shape(s) {shapes}"
     if warm:
-        took = (previous or {}).get("warm_s") or (previous or {}).get("cold_s")
-        expect = f"about {took:.0f} s last time" if took else "well under the cold compile"
+        previous = previous or {}
+        if previous.get("warm_s"):
+            expect = f"about {previous['warm_s']:.0f} s last time"
+        elif previous.get("cold_s"):
+            expect = f"a fraction of the {previous['cold_s']:.0f} s that compiling from scratch took"
+        else:
+            expect = "a fraction of a compile from scratch"
         log.info("compiling %s from the compile cache %s (%s)", what, cache.path, expect)
     else:
         log.info("compiling %s; no compile cache for them yet (%s), so this takes minutes on a small CPU "
-                 "(3-4 min for one shape on 2 cores, the UNet most of it); the next start reuses it",
+                 "(3-7 min for one shape on 2 cores, the UNet most of it); the next start reuses it",
                  what, cache.path)
     start = time.perf_counter()
     with cache.tagged():

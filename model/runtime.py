@@ -108,7 +108,7 @@ class CompilePlan:
     enabled: bool
     required: bool = False
     cudagraphs: bool = False  # CUDA: mode="reduce-overhead", one captured graph per shape
-    freezing: bool = False  # CPU: weights become constants, prepacked once for oneDNN
+    freezing: bool = False  # CPU: weights become constants (constant folding, conv binary folding)
     reason: str = field(default="", compare=False)
 
     @property
@@ -124,9 +124,8 @@ def plan_compile(device: torch.device, dtype: torch.dtype, setting: str | bool |
     eager bf16 pays a weight reorder per conv and unfused elementwise ops: SD-Turbo's decoder on a
     2-core AMX Xeon went 6.6 s -> 2.6 s compiled). Smaller models stay eager: compiling takes
     minutes whatever the size, and saves milliseconds per image on them. On fp32-only CPUs it stays
-    off: the gain is smaller (the same decoder in fp32: 14.8 -> 11.7 s) while freezing keeps a
-    prepacked copy of the weights per compiled shape; "on" compiles there too. Without a kernel
-    compiler `auto` stays eager."""
+    off: the gain is smaller (the same decoder in fp32: 14.8 -> 11.7 s) for minutes of compiling;
+    "on" compiles there too. Without a kernel compiler `auto` stays eager."""
     setting = compile_setting(setting)
     if setting == "off":
         return CompilePlan(False, reason="compile=off")
