@@ -283,10 +283,18 @@ def run(args: argparse.Namespace) -> int:
     """With compiled rows, the compile cache is a fresh temporary folder, so `compile_s` is cold."""
     from s3diff_serve.model.runtime import COMPILE_CACHE_ENV, INDUCTOR_CACHE_ENV
 
+    before = {name: os.environ.get(name) for name in (COMPILE_CACHE_ENV, INDUCTOR_CACHE_ENV)}
     with tempfile.TemporaryDirectory(prefix="s3diff-bench-compile-") as cache:
         os.environ[COMPILE_CACHE_ENV] = cache
         os.environ[INDUCTOR_CACHE_ENV] = str(Path(cache) / "inductor")
-        return _run(args)
+        try:
+            return _run(args)
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ small convolution block (seconds), not the model."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -56,11 +57,13 @@ def test_the_key_changes_with_everything_that_decides_the_code():
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupt_cache_is_logged_dropped_and_compiled_again(caches, caplog, damage):
+    caplog.set_level(logging.INFO, logger="s3diff_serve.model.compiled")
     block, x = _block(), torch.rand(SHAPE).to(memory_format=torch.channels_last)
     cache = ArtifactCache(caches, cache_key_parts(CPU, torch.float32, CompilePlan(True, freezing=True), [SHAPE],
                                                   f"corrupt-{damage}"))
     report, _ = _warm_up(cache, block)
     assert report["cache"] == "cold" and cache.path.stat().st_size > 0
+    assert "no compile cache for them yet" in caplog.text and "takes minutes" in caplog.text
     assert json.loads(cache.meta_path.read_text())["cold_s"] == report["seconds"]
     good = cache.path.read_bytes()
     cache.path.write_bytes(b"\x00not a cache" * 10 if damage == "garbage" else good[: len(good) // 2])
@@ -73,6 +76,9 @@ def test_a_corrupt_cache_is_logged_dropped_and_compiled_again(caches, caplog, da
         torch.testing.assert_close(call(x), block(x))
     assert cache.path.stat().st_size > 0  # rewritten by the new compile
 
+    caplog.clear()
     report, call = _warm_up(cache, block)  # and that file loads
     assert report["cache"] == "warm" and call.enabled
+    assert f"compiling decoder_call for 1 shape(s) [{SHAPE}] from the compile cache {cache.path}" in caplog.text
+    assert "that compiling from scratch took" in caplog.text and "(warm cache)" in caplog.text  # how long
     assert set(json.loads(cache.meta_path.read_text())) >= {"cold_s", "warm_s", "key"}
