@@ -6,18 +6,24 @@ folded vs unfolded VAE-encoder LoRA) and a bare decoder.
 
 Rows that share weights are timed interleaved (one repeat of each in turn), so load drift and
 warm-up order on a shared machine hit every row alike rather than whichever ran first.
+
+Compile time is reported cold (an empty compile cache, in this process) and warm (a new process
+that loads the cache the cold warm-up wrote: what a restarted service pays), with the RSS after
+warm-up of each block.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-reference", action="store_true", help="do not time the reference-like path")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: bench-results/...)")
+    parser.add_argument("--no-warm-compile", action="store_true",
+                        help="skip the second process that times a warm-cache compile")
     parser.set_defaults(handler=run)
 
 
@@ -44,18 +52,18 @@ def cpu_info() -> dict:
     """The CPU model and the SIMD/matrix flags that decide the fast path (Linux /proc/cpuinfo)."""
     import torch
 
-    model, flags = platform.processor() or platform.machine(), set()
+    from s3diff_serve.model.runtime import cpu_flags
+
+    model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
                 break
     except OSError:
         pass
-    return {"model": model, "flags": {flag: flag in flags for flag in CPU_FLAGS},
+    return {"model": model, "flags": cpu_flags(),
             "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
 
@@ -235,11 +243,13 @@ def bench_dtype(args, dtype: str, lowres, with_reference: bool, with_compiled: b
     runners[f"{dtype}-eager"] = eager
     if with_compiled:
         report = pipe.warmup(sizes=[(args.size, args.size)], batch_sizes=[args.batch])
-        compile_report = {"warmup_s": report["seconds"], "compile_s": report["compile_seconds"]}
+        compile_report = {"warmup_s": report["seconds"], "compile_s": report["compile_seconds"],
+                          "compile_cache": report.get("compile_cache")}
         block["rss_after_compile_mib"] = _rss("VmRSS")
         runners[f"{dtype}-compiled"] = lambda: pipe.enhance(lowres).timings
     for runner in runners.values():  # warm-up: allocator, oneDNN/cuDNN kernel choice
         runner()
+    block["rss_after_warmup_mib"] = _rss("VmRSS")  # every row has run once: weights + graphs + activations
     timings: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
     for _ in range(args.repeats):
         for name, runner in runners.items():
@@ -255,7 +265,52 @@ def bench_dtype(args, dtype: str, lowres, with_reference: bool, with_compiled: b
     return block
 
 
+WARM_COMPILE = """
+import json, sys, time
+start = time.perf_counter()
+from s3diff_serve.model import MergedConfig, S3DiffPipeline
+from s3diff_serve.model.presets import build_model
+from s3diff_serve.cli.bench_tiling import _rss_mib
+preset, device, dtype, size, batch = sys.argv[1:6]
+pipe = S3DiffPipeline(build_model(preset, seed=0), MergedConfig(unet={}, vae={}, scheduler={}), device, dtype,
+                      compile="on")
+built = time.perf_counter()
+report = pipe.warmup(sizes=[(int(size), int(size))], batch_sizes=[int(batch)])
+print(json.dumps({"warmup_s": report["seconds"], "compile_s": report["compile_seconds"],
+                  "compile_cache": report["compile_cache"], "build_s": round(built - start, 2),
+                  "start_to_ready_s": round(time.perf_counter() - start, 2), "rss_after_warmup_mib": _rss_mib("VmRSS")}))
+"""
+
+
+def warm_compile(args, dtype: str) -> dict:
+    """A new process builds the same weights and warms up from the compile cache this run wrote:
+    the compile cost of a restart (its start_to_ready_s includes importing and building)."""
+    done = subprocess.run([sys.executable, "-c", WARM_COMPILE, args.preset, args.device, dtype, str(args.size),
+                           str(args.batch)], capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run(args: argparse.Namespace) -> int:
+    """With compiled rows, the compile cache is a fresh temporary folder, so `compile_s` is cold."""
+    from s3diff_serve.model.runtime import COMPILE_CACHE_ENV, INDUCTOR_CACHE_ENV
+
+    before = {name: os.environ.get(name) for name in (COMPILE_CACHE_ENV, INDUCTOR_CACHE_ENV)}
+    with tempfile.TemporaryDirectory(prefix="s3diff-bench-compile-") as cache:
+        os.environ[COMPILE_CACHE_ENV] = cache
+        os.environ[INDUCTOR_CACHE_ENV] = str(Path(cache) / "inductor")
+        try:
+            return _run(args)
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _run(args: argparse.Namespace) -> int:
     import gc
 
     import torch
@@ -281,6 +336,13 @@ def run(args: argparse.Namespace) -> int:
     for dtype in sorted(dtypes, key=lambda name: name != "fp32"):  # fp32 first: it carries the reference
         block = bench_dtype(args, dtype, lowres, with_reference=dtype == "fp32" and not args.skip_reference,
                             with_compiled=with_compiled and dtype in compiled_dtypes)
+        gc.collect()  # the block's pipeline goes before the warm process builds its own
+        compiled_row = block["rows"].get(f"{dtype}-compiled")
+        if compiled_row and not args.no_warm_compile:
+            warm = warm_compile(args, dtype)
+            compiled_row["compile_cold_s"] = compiled_row["warmup_s"]
+            compiled_row["compile_warm_s"] = warm.get("warmup_s")
+            block["warm_restart"] = warm
         result["rows"].update(block.pop("rows"))
         result["blocks"][dtype] = block
         gc.collect()

@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="torch device for a single worker (default: cuda if present)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype at run time")
     parser.add_argument("--compile", choices=["auto", "on", "off"],
-                        help="torch.compile at warm-up (env S3DIFF_COMPILE, default auto: CUDA, and bf16 on the CPU)")
+                        help="torch.compile at warm-up (env S3DIFF_COMPILE, default auto: models of >= 100 M parameters, "
+                             "on CUDA and in bf16 on the CPU; compiled graphs persist in S3DIFF_COMPILE_CACHE)")
     parser.add_argument("--max-batch", type=int, help="micro-batch size (env S3DIFF_MAX_BATCH, default 4)")
     parser.add_argument("--max-wait-ms", type=float, help="batch fill wait (env S3DIFF_MAX_WAIT_MS, default 10)")
     parser.add_argument("--max-queue", type=int, help="waiting requests before 429 (env S3DIFF_MAX_QUEUE)")

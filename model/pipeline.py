@@ -9,6 +9,7 @@ size. `enhance(images, options)` is the two in one call. The CLI and the Python 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,19 @@ from .checkpoints import load_merged, load_release
 from .config import PAD_MULTIPLE, SCALE, MergedConfig, latent_factor
 from .errors import InvalidInputError, NonFiniteOutputError
 from .options import SCORE_RANGE, UpscaleOptions
+from .compiled import ArtifactCache, cache_key_parts, warm_up_persistent
 from .one_step import one_step
 from .output_size import pre_resize, resample
-from .runtime import cpu_has_fast_bf16, plan_compile, resolve_runtime, use_channels_last  # noqa: F401 (re-exported)
+from .runtime import (  # noqa: F401 (re-exported)
+    compile_cache_dir, cpu_has_fast_bf16, plan_compile, resolve_runtime, use_channels_last,
+)
 from .s3diff import S3DiffModel
 from .tiling import (
     choose_tile_size, count_tiles, estimator_view, overlap_for, run_with_oom_retry, tiled_unet, tiled_vae_decode,
     tiled_vae_encode,
 )
 
+log = logging.getLogger(__name__)
 ScoreOverride = float | Sequence[float | None] | None
 Progress = Callable[[int, int], None]
 
@@ -128,7 +133,9 @@ class S3DiffPipeline:
         self.config = config
         self.source = source  # where the weights came from: a folder, or "builtin-demo"
         self.latent_factor = latent_factor(dict(model.vae.config))  # the network's own VAE config
-        self.compile_plan = plan_compile(self.device, self.dtype, compile)
+        networks = (model.unet, model.vae)
+        parameters = sum(p.numel() for network in networks for p in network.parameters())
+        self.compile_plan = plan_compile(self.device, self.dtype, compile, parameters)
         channels_last = use_channels_last(self.device, self.dtype)
         self.model = model.to_runtime(self.device, self.dtype, channels_last).eval().requires_grad_(False)
         self.model.compile_calls(self.compile_plan)
@@ -273,22 +280,32 @@ class S3DiffPipeline:
         initialisation). Compiled: compile the encoder, UNet and decoder for each low-res
         (height, width) in `sizes` at each batch size; default the size whose latent is one tile,
         the shape every tile of a large image has. Later, other shapes run eager, never compiling
-        on a request (model/compiled.py). Returns the seconds spent and, per network call, the
-        compile (+ first run) seconds of the shapes compiled here."""
+        on a request (model/compiled.py). The compiled code persists in the compile cache
+        (runtime.compile_cache_dir), so a restart with the same weights and shapes compiles from it.
+        Returns the seconds spent, "cold"/"warm" compile cache and, per network call, the compile
+        (+ first run) seconds of the shapes compiled here."""
         start, options = time.perf_counter(), UpscaleOptions(noise=0.0, blur=0.0)
         if not self.model.compiled:
+            log.info("not compiling (%s): the encoder, UNet and decoder run eager", self.compile_plan.reason)
             self.enhance(torch.full((1, 3, 16, 16), 0.5), options)
             return {"seconds": round(time.perf_counter() - start, 3), "compile_seconds": {}}
         tile = self.tile_for()
         sizes = sizes or [(tile * self.latent_factor // SCALE,) * 2]
+        shapes = [(batch, 3, height, width) for batch in batch_sizes for height, width in sizes]
         before = {name: set(call.compile_seconds) for name, call in self.model.compiled.items()}
-        with self.model.warming_up():
-            for batch in batch_sizes:
-                for height, width in sizes:
-                    self.enhance(torch.full((batch, 3, height, width), 0.5), options, tile_size=tile)
+
+        def run() -> None:
+            with self.model.warming_up():
+                for shape in shapes:
+                    self.enhance(torch.full(shape, 0.5), options, tile_size=tile)
+
+        cache = ArtifactCache(compile_cache_dir(), cache_key_parts(self.device, self.dtype, self.compile_plan,
+                                                                   shapes + [("tile", tile)], self.weights_id))
+        report = warm_up_persistent(self.model.compiled.values(), cache, shapes, run)
         compile_seconds = {name: round(sum(s for key, s in call.compile_seconds.items() if key not in before[name]), 3)
                            for name, call in self.model.compiled.items()}
-        return {"seconds": round(time.perf_counter() - start, 3), "compile_seconds": compile_seconds}
+        return {"seconds": round(time.perf_counter() - start, 3), "compile_seconds": compile_seconds,
+                "compile_cache": report["cache"]}
 
 
 class _StageTimer:

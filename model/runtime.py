@@ -7,7 +7,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,14 @@ COMPILE_ENV = "S3DIFF_COMPILE"
 COMPILE_SETTINGS = ("auto", "on", "off")
 # The dtypes the model runs and stores in, by the names flags and configs use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_CACHE_ENV = "S3DIFF_COMPILE_CACHE"
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# `auto` compiles only models whose UNet + VAE hold at least this many parameters. Compiling costs
+# about the same minutes for any size (the graphs have the same structure; tiny and full-size bf16
+# both took 3-4 min on 2 cores), while the gain scales with the work: full size saves ~1.7 s per
+# 512^2 image in bf16 here, the ~5 M-parameter built-in model a few ms (docs/model.md).
+COMPILE_MIN_PARAMETERS = 100_000_000
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -24,6 +33,21 @@ def cpu_has_fast_bf16() -> bool:
     CPUs) a bf16 conv was measured at ~300x the time of the fp32 one, so bf16 is refused rather
     than silently slow; with it, bf16 is the CPU default."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The SIMD/matrix flags that decide the fast path and the kernels inductor generates (Linux
+    /proc/cpuinfo; all False where it cannot be read)."""
+    found: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                found = set(value.split())
+                break
+    except OSError:
+        pass
+    return {flag: flag in found for flag in CPU_FLAGS}
 
 
 def has_kernel_compiler(device: torch.device) -> bool:
@@ -79,37 +103,59 @@ class CompilePlan:
     """How the three network calls are compiled (model/compiled.py), or not (`enabled` False).
 
     `required`: compiling was asked for explicitly ("on"), so a failure is an error; under
-    "auto" a failure falls back to eager with a warning.
+    "auto" a failure falls back to eager with a warning. `reason`: why, for the console.
     """
 
     enabled: bool
     required: bool = False
     cudagraphs: bool = False  # CUDA: mode="reduce-overhead", one captured graph per shape
-    freezing: bool = False  # CPU: weights become constants, prepacked once for oneDNN
+    freezing: bool = False  # CPU: weights become constants (constant folding, conv binary folding)
+    reason: str = field(default="", compare=False)
 
     @property
     def mode(self) -> str | None:
         return "reduce-overhead" if self.cudagraphs else None
 
 
-def plan_compile(device: torch.device, dtype: torch.dtype, setting: str | bool | None = None) -> CompilePlan:
-    """`auto` compiles on CUDA (CUDA graphs remove the launch overhead of ~1000 small kernels per
-    UNet call) and on CPUs in bf16 (only CPUs with native bf16 run it; there eager bf16 pays a
-    weight reorder per conv and unfused elementwise ops: SD-Turbo's decoder on a 2-core AMX Xeon
-    went 6.6 s -> 2.6 s compiled). On fp32-only CPUs it stays off: the gain is smaller (the same
-    decoder in fp32: 14.8 -> 11.7 s) while freezing keeps a prepacked copy of the weights per
-    compiled shape (about their size: ~3.8 GB at full size in fp32); "on" compiles there too.
-    Without a kernel compiler `auto` stays eager."""
+def plan_compile(device: torch.device, dtype: torch.dtype, setting: str | bool | None = None,
+                 parameters: int | None = None) -> CompilePlan:
+    """`auto` compiles where it pays back: models of at least COMPILE_MIN_PARAMETERS (UNet + VAE;
+    `parameters` None counts as large), on CUDA (CUDA graphs remove the launch overhead of ~1000
+    small kernels per UNet call) and on CPUs in bf16 (only CPUs with native bf16 run it; there
+    eager bf16 pays a weight reorder per conv and unfused elementwise ops: SD-Turbo's decoder on a
+    2-core AMX Xeon went 6.6 s -> 2.6 s compiled). Smaller models stay eager: compiling takes
+    minutes whatever the size, and saves milliseconds per image on them. On fp32-only CPUs it stays
+    off: the gain is smaller (the same decoder in fp32: 14.8 -> 11.7 s) for minutes of compiling;
+    "on" compiles there too. Without a kernel compiler `auto` stays eager."""
     setting = compile_setting(setting)
-    wanted = setting == "on" or (setting == "auto" and (device.type == "cuda" or dtype == torch.bfloat16))
-    if not wanted:
-        return CompilePlan(False)
+    if setting == "off":
+        return CompilePlan(False, reason="compile=off")
+    if setting == "auto":
+        if parameters is not None and parameters < COMPILE_MIN_PARAMETERS:
+            return CompilePlan(False, reason=f"auto: {parameters / 1e6:.1f} M parameters, below the "
+                                             f"{COMPILE_MIN_PARAMETERS / 1e6:.0f} M that pay back a compile")
+        if device.type != "cuda" and dtype != torch.bfloat16:
+            return CompilePlan(False, reason=f"auto: {str(dtype).removeprefix('torch.')} on the CPU gains too "
+                                             "little from compiling")
     if not has_kernel_compiler(device):
         if setting == "on":
             raise InvalidInputError(f"compile=on but inductor has no kernel compiler for {device.type} here")
-        return CompilePlan(False)
+        return CompilePlan(False, reason=f"auto: no kernel compiler for {device.type}")
     cuda = device.type == "cuda"
-    return CompilePlan(True, required=setting == "on", cudagraphs=cuda, freezing=not cuda)
+    return CompilePlan(True, required=setting == "on", cudagraphs=cuda, freezing=not cuda,
+                       reason=f"compile={setting}")
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled graphs persist across restarts: $S3DIFF_COMPILE_CACHE, else `compile/`
+    in the project's cache folder. Inductor's own cache goes in its `inductor/` unless
+    $TORCHINDUCTOR_CACHE_DIR says otherwise (set here before anything compiles, since inductor
+    reads it on first use)."""
+    from s3diff_serve.evaluation.cache import cache_dir
+
+    folder = Path(os.environ.get(COMPILE_CACHE_ENV) or cache_dir() / "compile").expanduser()
+    os.environ.setdefault(INDUCTOR_CACHE_ENV, str(folder / "inductor"))
+    return folder
 
 
 def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:

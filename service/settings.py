@@ -18,8 +18,8 @@ class ServiceSettings(BaseSettings):
     dtype: str | None = Field(None, description="fp32/bf16/fp16; None = fp16 on CUDA, bf16 on CPUs with "
                                                  "native bf16 (AVX-512-BF16/AMX), else fp32")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the encoder, UNet and decoder at warm-up: auto = on CUDA and for "
-                            "bf16 on the CPU (docs/model.md, 'Compiled fast path')")
+        "auto", description="torch.compile the encoder, UNet and decoder at warm-up: auto = models of >= 100 M "
+                            "parameters, on CUDA and for bf16 on the CPU (docs/model.md, 'Compiled fast path')")
     compile_cache: Path | None = Field(None, description="folder that keeps torch.compile's kernels across restarts "
                                                          "(the images' compile-cache volume: /cache/compile)")
     host: str = "127.0.0.1"

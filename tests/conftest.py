@@ -5,6 +5,7 @@ real loading code runs."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -13,6 +14,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # natively) and no compiling at warm-up (tests/model/test_compile.py compiles on purpose).
 os.environ.setdefault("S3DIFF_DTYPE", "fp32")
 os.environ.setdefault("S3DIFF_COMPILE", "off")
+# Compiled graphs persist there (model/runtime.py, compile_cache_dir): never in the user's cache.
+os.environ.setdefault("S3DIFF_COMPILE_CACHE", tempfile.mkdtemp(prefix="s3diff-test-compile-"))
 
 import subprocess  # noqa: E402
 

@@ -90,8 +90,9 @@ def test_compile_without_a_kernel_compiler(cpu, monkeypatch):
 
 def test_pipeline_applies_the_choice(cpu, monkeypatch):
     cpu(bf16=True)
-    pipe = S3DiffPipeline(build_model("tiny", seed=1), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", None)
-    assert pipe.dtype == torch.bfloat16 and pipe.compile_plan == CompilePlan(True, freezing=True)
+    pipe = S3DiffPipeline(build_model("tiny", seed=1), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", None,
+                          compile="on")
+    assert pipe.dtype == torch.bfloat16 and pipe.compile_plan == CompilePlan(True, required=True, freezing=True)
     assert set(pipe.model.compiled) == {"encoder_call", "unet_call", "decoder_call"}
     conv = pipe.model.vae.decoder.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -99,3 +100,34 @@ def test_pipeline_applies_the_choice(cpu, monkeypatch):
     monkeypatch.setenv(runtime.COMPILE_ENV, "off")
     fp32 = S3DiffPipeline(build_model("tiny", seed=1), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", "fp32")
     assert fp32.model.compiled == {} and fp32.compile_plan == CompilePlan(False)
+
+
+@pytest.mark.parametrize("device, dtype", [(CPU, torch.bfloat16), (CUDA, torch.float16)])
+def test_auto_compiles_only_models_large_enough_to_pay_back(cpu, device, dtype):
+    cpu(bf16=True, cuda=device.type == "cuda")
+    small = plan_compile(device, dtype, "auto", parameters=runtime.COMPILE_MIN_PARAMETERS - 1)
+    assert small == CompilePlan(False) and "below the 100 M" in small.reason
+    assert plan_compile(device, dtype, "auto", parameters=runtime.COMPILE_MIN_PARAMETERS).enabled
+    assert plan_compile(device, dtype, "on", parameters=1000).enabled  # asked for: compiled whatever the size
+
+
+def test_small_models_run_eager_by_default(cpu, monkeypatch):
+    """The built-in and tiny models (~5 M parameters) are served without minutes of compiling."""
+    cpu(bf16=True)
+    monkeypatch.delenv(runtime.COMPILE_ENV, raising=False)
+    pipe = S3DiffPipeline(build_model("tiny", seed=1), MergedConfig(unet={}, vae={}, scheduler={}), "cpu", None)
+    assert pipe.dtype == torch.bfloat16 and pipe.model.compiled == {}
+    assert "M parameters" in pipe.compile_plan.reason
+
+
+def test_compile_cache_folders(monkeypatch, tmp_path):
+    monkeypatch.delenv(runtime.INDUCTOR_CACHE_ENV, raising=False)
+    monkeypatch.setenv(runtime.COMPILE_CACHE_ENV, str(tmp_path / "compile"))
+    assert runtime.compile_cache_dir() == tmp_path / "compile"
+    assert runtime.os.environ[runtime.INDUCTOR_CACHE_ENV] == str(tmp_path / "compile" / "inductor")
+    monkeypatch.setenv(runtime.INDUCTOR_CACHE_ENV, str(tmp_path / "elsewhere"))  # an explicit one is kept
+    runtime.compile_cache_dir()
+    assert runtime.os.environ[runtime.INDUCTOR_CACHE_ENV] == str(tmp_path / "elsewhere")
+    monkeypatch.delenv(runtime.COMPILE_CACHE_ENV)
+    monkeypatch.setenv("S3DIFF_CACHE", str(tmp_path / "cache"))
+    assert runtime.compile_cache_dir() == tmp_path / "cache" / "compile"
