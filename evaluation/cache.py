@@ -12,19 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-CACHE_ENV = "S3DIFF_CACHE"
+from s3diff_serve.model.cache_root import CACHE_ENV, cache_dir  # noqa: F401 (re-exported)
 
 
 class MissingWeightsError(FileNotFoundError):
     """Converted weights are not in the cache; the message names the command that fetches them."""
-
-
-def cache_dir() -> Path:
-    """`$S3DIFF_CACHE`, or `~/.cache/s3diff-serve` (XDG_CACHE_HOME respected)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "s3diff-serve"
 
 
 def sha256_file(path: Path) -> str:

@@ -151,7 +151,7 @@ def compile_cache_dir() -> Path:
     in the project's cache folder. Inductor's own cache goes in its `inductor/` unless
     $TORCHINDUCTOR_CACHE_DIR says otherwise (set here before anything compiles, since inductor
     reads it on first use)."""
-    from s3diff_serve.evaluation.cache import cache_dir
+    from .cache_root import cache_dir
 
     folder = Path(os.environ.get(COMPILE_CACHE_ENV) or cache_dir() / "compile").expanduser()
     os.environ.setdefault(INDUCTOR_CACHE_ENV, str(folder / "inductor"))

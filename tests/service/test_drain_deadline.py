@@ -20,15 +20,27 @@ from tests.service.images import metric, png_bytes
 def test_drain_deadline_answers_running_and_queued_work_503():
     release = threading.Event()
 
-    def blocked_predict(payloads):
-        release.wait(30)
-        return payloads
+    class Blocked:
+        """A handler whose predict holds the inference thread until released."""
+
+        kind = "test"
+
+        def batch_key(self, request):
+            return "a"
+
+        def cost(self, request):
+            return 1.0
+
+        def predict(self, requests):
+            release.wait(30)
+            return list(requests)
 
     async def scenario():
-        batcher = Batcher(blocked_predict, max_batch=1, max_wait_s=0, max_queue=10)
+        batcher = Batcher(max_batch=1, max_wait_s=0, max_queue=10)
         batcher.start()
-        running = asyncio.ensure_future(batcher.submit("running", key="a", timeout_s=30))
-        queued = asyncio.ensure_future(batcher.submit("queued", key="a", timeout_s=30))
+        handler = Blocked()
+        running = asyncio.ensure_future(batcher.submit(handler, "running", timeout_s=30))
+        queued = asyncio.ensure_future(batcher.submit(handler, "queued", timeout_s=30))
         while not batcher.busy:
             await asyncio.sleep(0.01)
         finished = await batcher.drain(timeout_s=0.05)
