@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from s3diff_serve.model.config import PRE_RESIZE_MODES, PRESETS
+from s3diff_serve.model.builtin import BUILTIN_DIR, BUILTIN_NAME
 
 Range = tuple[float, float]
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -96,9 +97,10 @@ class ModelSource(Section):
     # From scratch (the built-in demo model): every weight trains, the estimator included, starting
     # from the preset's seeded random weights; no released files are read or written.
     train_all: bool = False
-    # train_all only: start from these merged weights (e.g. model/builtin/demo, to train the demo
-    # further on a machine without the run's checkpoints) instead of random ones. Weights of
-    # another VAE depth start what fits (model_setup.init_from_merged).
+    # train_all only: start from these merged weights instead of random ones; the name
+    # `builtin-demo` means the built-in model shipped in the package (found the same way in a
+    # checkout and in the training image). Weights of another VAE depth start what fits
+    # (model_setup.init_from_merged).
     init_merged: Path | None = None
     # The x4 resize of the low-res input (bilinear | bicubic), recorded in every saved merged
     # config so serving resizes as training did. None: init_merged's own, else bicubic (the
@@ -254,6 +256,8 @@ def _resolve_paths(values: Any, base: Path, key: str = "") -> Any:
         return {k: _resolve_paths(v, base, k) for k, v in values.items()}
     if key in PATH_KEYS and isinstance(values, list):
         return [_resolve_paths(v, base, key) for v in values]
+    if key == "init_merged" and values == BUILTIN_NAME:
+        return str(BUILTIN_DIR)
     if key in PATH_KEYS and isinstance(values, str) and values != "latest":
         path = Path(values).expanduser()
         return os.path.normpath(path if path.is_absolute() else base / path)

@@ -29,6 +29,21 @@ def test_relative_paths_follow_the_config_file_and_env_overrides(monkeypatch):
     assert config.data.hr_dirs == [TINY_CONFIG.parent / "tiny-data" / "photos"]
 
 
+def test_init_merged_names_the_builtin_model_wherever_the_config_sits(tmp_path):
+    """`builtin-demo` is the packaged model, not a path next to the config (the training image
+    copies configs without the checkout around them)."""
+    from s3diff_serve.model.builtin import BUILTIN_DIR
+
+    config = tmp_path / "elsewhere.yaml"
+    values = yaml.safe_load(TINY_CONFIG.read_text())
+    values["model"] = {"preset": "tiny", "train_all": True, "init_merged": "builtin-demo"}
+    config.write_text(yaml.safe_dump(values))
+    assert TrainConfig.from_yaml(config).model.init_merged == BUILTIN_DIR
+    values["model"]["init_merged"] = "weights/v1"
+    config.write_text(yaml.safe_dump(values))
+    assert TrainConfig.from_yaml(config).model.init_merged == tmp_path / "weights" / "v1"
+
+
 def test_train_without_lpips_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("S3DIFF_CACHE", str(tmp_path / "empty-cache"))
     values = yaml.safe_load(TINY_CONFIG.read_text())
